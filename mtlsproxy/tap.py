@@ -1,0 +1,64 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The twistd plugin's options and service maker: C{twistd mtlsproxy --config FILE}.
+
+This module only turns options into a checked configuration object and that
+object into a service.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from twisted.python import usage
+
+from .errors import ConfigurationError
+
+
+class Options(usage.Options):
+    """
+    Command-line options for C{twistd mtlsproxy}.
+    """
+
+    synopsis = "--config FILE"
+    longdesc = (
+        "Run the mtlsproxy TCP/TLS proxy and load balancer described by a TOML"
+        " configuration file.  Check a file without running it with"
+        " 'mtlsproxy check --config FILE'."
+    )
+    optParameters = [
+        ["config", "c", None, "Path to the TOML configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
+    """
+    Load and check the configuration and build the proxy service.
+
+    A configuration error is printed as one line on standard error and ends
+    the process with status 1: no traceback for a typo.
+    """
+    from .checks import checkConfiguration
+    from .config import loadConfig
+    from .service import ProxyService
+
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    try:
+        config = loadConfig(options["config"])
+        loaded = checkConfiguration(config, datetime.now(timezone.utc))
+    except ConfigurationError as e:
+        sys.stderr.write(f"mtlsproxy: configuration error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(1)
+    for warning in loaded.warnings:
+        sys.stderr.write(f"mtlsproxy: warning: {warning}\n")
+    return ProxyService(reactor, loaded)
