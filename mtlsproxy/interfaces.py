@@ -71,3 +71,60 @@ class IBackendSelectorFactory(Interface):
 
         @rtype: L{IBackendSelector} provider
         """
+
+
+class IHealthChecker(Interface):
+    """
+    Checks whether one pool member can serve.
+
+    One checker instance serves one pool; L{mtlsproxy.health} calls it every
+    C{interval} seconds per member (with jitter) and applies the
+    healthy/unhealthy thresholds, so a checker only answers "did this one
+    check pass, and why not".
+    """
+
+    def check(member):
+        """
+        Check one member once.
+
+        @param member: The member to check.
+        @type member: L{IMemberState} provider
+
+        @return: A L{Deferred} that fires with a
+            L{mtlsproxy.health.CheckResult}.  It must not block; it may take
+            as long as the network does, because the caller cancels it when
+            the pool's C{timeout} expires (so it must clean up on
+            cancellation: close its connection).  A failed Deferred counts as
+            an unhealthy result whose reason is the failure's message.
+        """
+
+
+class IHealthCheckerFactory(Interface):
+    """
+    A plugin that makes health checkers: what C{[pools.health_check] type =
+    "NAME"} refers to.
+    """
+
+    name = Attribute("The name used in the configuration, a C{str}.")
+    description = Attribute("One line for humans, a C{str}.")
+    options = Attribute(
+        "The checker-specific keys it accepts in C{[pools.health_check]}: a"
+        " mapping of key name to a one-line description."
+    )
+
+    def newChecker(reactor, options, tls):
+        """
+        Make a checker for one pool.
+
+        @param reactor: The reactor to connect and schedule with.
+        @param options: The checker-specific keys of the pool's
+            C{[pools.health_check]} table (a mapping).
+        @param tls: The pool's backend TLS settings (an object with a
+            C{clientConnectionCreator(member)} method) or L{None} when the
+            pool's members speak plain TCP.
+
+        @raise ValueError: If C{options} are invalid; the message names the
+            key and what was expected and becomes a configuration error.
+
+        @rtype: L{IHealthChecker} provider
+        """

@@ -25,7 +25,7 @@ import re
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Iterable, NoReturn, Sequence, Union
+from typing import IO, Any, Iterable, NoReturn, Sequence, Union
 
 import attrs
 from cryptography import x509
@@ -49,6 +49,9 @@ __all__ = [
     "crlPEM",
     "crlDER",
     "pkcs12Bytes",
+    "PKIError",
+    "createDemoPKI",
+    "main",
 
 
 ]
@@ -590,3 +593,791 @@ def pkcs12Bytes(
     return pkcs12.serialize_key_and_certificates(
         friendlyName, issued.key, issued.certificate, list(chain) or None, encryption
     )
+
+
+# ---------------------------------------------------------------------------
+# Command line: mtlsproxy-pki
+# ---------------------------------------------------------------------------
+
+INDEX_FORMAT = 1
+
+_Index = dict[str, Any]
+"""
+A CA's JSON index, as loaded.
+"""
+
+_ENTITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class PKIError(Exception):
+    """
+    A failure of a C{mtlsproxy-pki} command, reported as one line on
+    standard error with exit status 1.
+    """
+
+
+class _UsageError(Exception):
+    """
+    Bad command-line arguments: reported with the usage line, exit status 2.
+    """
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _ParserExit(Exception):
+    """
+    The parser finished early (C{--help}) with an exit status.
+    """
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """
+    An argument parser that raises instead of calling L{sys.exit}, so that
+    L{main} can be called from tests and return its exit status.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.format_usage(), message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _ParserExit(status)
+
+
+def _entityName(value: str) -> str:
+    """
+    Argument type for CA and certificate names: they become file names in
+    the state directory, so only letters, digits, C{.}, C{_} and C{-}.
+    """
+    if not _ENTITY_NAME.match(value):
+        raise argparse.ArgumentTypeError(
+            f"invalid name {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _positiveInt(value: str) -> int:
+    """
+    Argument type for a positive number of days.
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _nonNegativeInt(value: str) -> int:
+    """
+    Argument type for a basicConstraints path length.
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {value!r}"
+        )
+    return number
+
+
+def _dnsName(value: str) -> str:
+    """
+    Argument type for a DNS name (ASCII, optionally a leading C{*.}
+    wildcard); internationalized names must be given as A-labels.
+    """
+    if not _HOSTNAME.match(value):
+        raise argparse.ArgumentTypeError(
+            f"invalid DNS name {value!r} (internationalized names must be "
+            "given in their xn-- form)"
+        )
+    return value
+
+
+def _ipAddress(value: str) -> str:
+    """
+    Argument type for an IPv4 or IPv6 address.
+    """
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid IP address {value!r}") from None
+
+
+def _serialText(serial: int) -> str:
+    """
+    A serial number as upper-case hexadecimal, as C{openssl x509 -serial}
+    prints it.
+    """
+    return f"{serial:X}"
+
+
+@attrs.define
+class _StateDirectory:
+    """
+    The on-disk state of C{mtlsproxy-pki}: for every CA C{NAME.crt},
+    C{NAME.key} and C{NAME.index.json}; for every leaf C{NAME.crt},
+    C{NAME.key} and C{NAME-chain.pem}; CRLs as C{NAME.crl.pem}.
+
+    @ivar path: The directory.
+    @ivar written: Every file written so far, in order, for the report.
+    """
+
+    path: Path
+    written: list[Path] = attrs.Factory(list)
+
+    def file(self, name: str, suffix: str) -> Path:
+        """
+        The path of C{name} + C{suffix} in the directory.
+        """
+        return self.path / f"{name}{suffix}"
+
+    def ensureExists(self) -> None:
+        """
+        Create the directory (private to its owner) if it does not exist.
+        """
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def requireFree(self, *paths: Path) -> None:
+        """
+        @raise PKIError: If any of C{paths} exists; nothing is overwritten.
+        """
+        for path in paths:
+            if path.exists() or path.is_symlink():
+                raise PKIError(f"{path} already exists; refusing to overwrite it")
+
+    def create(self, path: Path, data: bytes, mode: int = 0o644) -> None:
+        """
+        Write a new file, failing if it exists.
+        """
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            raise PKIError(f"{path} already exists; refusing to overwrite it") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        self.written.append(path)
+
+    def replace(self, path: Path, data: bytes, mode: int = 0o644) -> None:
+        """
+        Write a file atomically, replacing any previous version.
+        """
+        temporary = path.with_name(f".{path.name}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+        self.written.append(path)
+
+    def read(self, path: Path, what: str) -> bytes:
+        """
+        Read a file that must exist.
+
+        @param what: What the file is, for the error message.
+        """
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise PKIError(f"{what}: {path} not found") from None
+
+    def isCA(self, name: str) -> bool:
+        """
+        Whether C{name} is a CA created by this tool.
+        """
+        return self.file(name, ".index.json").exists()
+
+    def loadIndex(self, name: str) -> _Index:
+        """
+        Load CA C{name}'s index.
+
+        @raise PKIError: If there is no such CA or the index is damaged.
+        """
+        path = self.file(name, ".index.json")
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise PKIError(f"no CA named {name!r} in {self.path}") from None
+        except ValueError as e:
+            raise PKIError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise PKIError(f"{path}: not an mtlsproxy-pki index (format {INDEX_FORMAT})")
+        return data
+
+    def saveIndex(self, name: str, index: _Index) -> None:
+        """
+        Save CA C{name}'s index atomically.
+        """
+        self.replace(
+            self.file(name, ".index.json"),
+            (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+        )
+
+    def loadCertificate(self, name: str) -> x509.Certificate:
+        """
+        Load C{name}'s certificate.
+        """
+        path = self.file(name, ".crt")
+        data = self.read(path, f"certificate of {name!r}")
+        try:
+            return x509.load_pem_x509_certificate(data)
+        except ValueError as e:
+            raise PKIError(f"{path}: not a PEM certificate: {e}") from None
+
+    def loadIssued(self, name: str) -> Issued:
+        """
+        Load C{name}'s certificate and private key.
+        """
+        cert = self.loadCertificate(name)
+        path = self.file(name, ".key")
+        data = self.read(path, f"private key of {name!r}")
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            raise PKIError(f"{path}: cannot load private key: {e}") from None
+        if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+            raise PKIError(f"{path}: unsupported key type {type(key).__name__}")
+        return Issued(certificate=cert, key=key)
+
+    def loadCA(self, name: str) -> tuple[Issued, _Index]:
+        """
+        Load CA C{name}: certificate, key and index.
+        """
+        index = self.loadIndex(name)
+        return self.loadIssued(name), index
+
+    def intermediatesFrom(self, caName: str) -> list[x509.Certificate]:
+        """
+        The chain a leaf issued by C{caName} presents after itself: that CA
+        and its issuers, up to but excluding the root.
+        """
+        chain: list[x509.Certificate] = []
+        seen: set[str] = set()
+        name = caName
+        index = self.loadIndex(name)
+        while index.get("kind") != "root":
+            if name in seen:
+                raise PKIError(f"issuer loop at CA {name!r} in {self.path}")
+            seen.add(name)
+            chain.append(self.loadCertificate(name))
+            name = index["issuer"]
+            index = self.loadIndex(name)
+        return chain
+
+    def findIssued(self, name: str) -> tuple[str, _Index, _Index]:
+        """
+        Find the index entry for certificate C{name}.
+
+        @return: The issuing CA's name, its index and the entry.
+        @raise PKIError: If no CA's index records C{name}.
+        """
+        for path in sorted(self.path.glob("*.index.json")):
+            caName = path.name[: -len(".index.json")]
+            index = self.loadIndex(caName)
+            for entry in index.get("issued", []):
+                if entry.get("name") == name:
+                    return caName, index, entry
+        if self.isCA(name):
+            raise PKIError(
+                f"{name!r} is a root CA; a root cannot be revoked, remove it "
+                "from the trust stores instead"
+            )
+        raise PKIError(f"no certificate named {name!r} is recorded in {self.path}")
+
+
+def _notAfter(days: int | None, issuer: Issued | None) -> datetime | None:
+    """
+    The end of validity for C{--days}, checked against the issuer's end.
+
+    @raise PKIError: If the certificate would outlive its issuer.
+    """
+    if days is None:
+        return None
+    end = _now() + timedelta(days=days)
+    if issuer is not None and end > issuer.certificate.not_valid_after_utc:
+        raise PKIError(
+            f"--days {days} would end after the issuer "
+            f"{issuer.certificate.subject.rfc4514_string()} expires "
+            f"({issuer.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ})"
+        )
+    return end
+
+
+def _newIndex(name: str, kind: str, issuer: str | None) -> _Index:
+    """
+    The index of a new CA.
+    """
+    return {
+        "format": INDEX_FORMAT,
+        "name": name,
+        "kind": kind,
+        "issuer": issuer,
+        "crl_number": 0,
+        "issued": [],
+    }
+
+
+def _record(index: _Index, name: str, kind: str, cert: x509.Certificate) -> None:
+    """
+    Record a newly issued certificate in its issuer's index.
+    """
+    index["issued"].append(
+        {
+            "name": name,
+            "kind": kind,
+            "serial": _serialText(cert.serial_number),
+            "subject": cert.subject.rfc4514_string(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "revoked_at": None,
+        }
+    )
+
+
+def _makeRoot(
+    state: _StateDirectory,
+    name: str,
+    commonName: str,
+    keyType: str,
+    days: int | None,
+) -> Issued:
+    """
+    Create root CA C{name} in C{state}.
+    """
+    files = [state.file(name, s) for s in (".crt", ".key", ".index.json")]
+    state.requireFree(*files)
+    root = createRootCA(commonName, keyType=keyType, notAfter=_notAfter(days, None))
+    state.create(files[1], keyPEM(root.key), 0o600)
+    state.create(files[0], certificatePEM(root.certificate))
+    state.saveIndex(name, _newIndex(name, "root", None))
+    return root
+
+
+def _makeIntermediate(
+    state: _StateDirectory,
+    name: str,
+    issuerName: str,
+    commonName: str,
+    keyType: str,
+    days: int | None,
+    pathLength: int | None,
+) -> Issued:
+    """
+    Create intermediate CA C{name}, issued by CA C{issuerName}, in C{state}.
+    """
+    files = [state.file(name, s) for s in (".crt", ".key", ".index.json")]
+    state.requireFree(*files)
+    issuer, issuerIndex = state.loadCA(issuerName)
+    ca = createIntermediateCA(
+        issuer,
+        commonName,
+        keyType=keyType,
+        notAfter=_notAfter(days, issuer),
+        pathLength=pathLength,
+    )
+    state.create(files[1], keyPEM(ca.key), 0o600)
+    state.create(files[0], certificatePEM(ca.certificate))
+    state.saveIndex(name, _newIndex(name, "intermediate", issuerName))
+    _record(issuerIndex, name, "intermediate", ca.certificate)
+    state.saveIndex(issuerName, issuerIndex)
+    return ca
+
+
+def _makeLeaf(
+    state: _StateDirectory,
+    name: str,
+    issuerName: str,
+    kind: str,
+    commonName: str,
+    keyType: str,
+    days: int | None,
+    dnsNames: Sequence[str] = (),
+    ipAddresses: Sequence[str] = (),
+    emailAddresses: Sequence[str] = (),
+    uris: Sequence[str] = (),
+) -> Issued:
+    """
+    Issue server or client certificate C{name} from CA C{issuerName} and
+    write C{NAME.crt}, C{NAME-chain.pem} and C{NAME.key}.
+    """
+    files = [state.file(name, s) for s in (".crt", "-chain.pem", ".key")]
+    state.requireFree(*files, state.file(name, ".index.json"))
+    issuer, issuerIndex = state.loadCA(issuerName)
+    intermediates = state.intermediatesFrom(issuerName)
+    notAfter = _notAfter(days, issuer)
+    if kind == "server":
+        leaf = issueServerCertificate(
+            issuer, commonName, dnsNames, ipAddresses, keyType=keyType, notAfter=notAfter
+        )
+    else:
+        leaf = issueClientCertificate(
+            issuer,
+            commonName,
+            emailAddresses,
+            uris,
+            dnsNames,
+            keyType=keyType,
+            notAfter=notAfter,
+        )
+    state.create(files[2], keyPEM(leaf.key), 0o600)
+    state.create(files[0], certificatePEM(leaf.certificate))
+    state.create(files[1], chainPEM([leaf.certificate, *intermediates]))
+    _record(issuerIndex, name, kind, leaf.certificate)
+    state.saveIndex(issuerName, issuerIndex)
+    return leaf
+
+
+def _writeCRL(state: _StateDirectory, caName: str, days: int | None) -> Path:
+    """
+    Sign and write C{CA.crl.pem} listing every certificate revoked in CA
+    C{caName}'s index, with the next CRL number.
+    """
+    ca, index = state.loadCA(caName)
+    revoked = [
+        (int(entry["serial"], 16), datetime.fromisoformat(entry["revoked_at"]))
+        for entry in index["issued"]
+        if entry.get("revoked_at")
+    ]
+    number = int(index.get("crl_number", 0)) + 1
+    nextUpdate = _now() + timedelta(days=days) if days is not None else None
+    crl = buildCRL(ca, revoked, nextUpdate=nextUpdate, crlNumber=number)
+    path = state.file(caName, ".crl.pem")
+    state.replace(path, crlPEM(crl))
+    index["crl_number"] = number
+    state.saveIndex(caName, index)
+    return path
+
+
+def _revoke(state: _StateDirectory, name: str) -> tuple[str, str]:
+    """
+    Mark certificate C{name} revoked in its issuer's index and rewrite the
+    issuer's CRL.
+
+    @return: The issuer's name and the revoked serial number.
+    """
+    caName, index, entry = state.findIssued(name)
+    if entry.get("revoked_at"):
+        raise PKIError(f"{name!r} was already revoked at {entry['revoked_at']}")
+    entry["revoked_at"] = _now().replace(microsecond=0).isoformat()
+    state.saveIndex(caName, index)
+    _writeCRL(state, caName, None)
+    return caName, entry["serial"]
+
+
+def _bundle(state: _StateDirectory, out: Path, cas: Sequence[str], crls: bool) -> None:
+    """
+    Concatenate the certificates (or CRLs) of CAs C{cas} into C{out}.
+    """
+    parts = []
+    for caName in cas:
+        if not state.isCA(caName):
+            raise PKIError(f"no CA named {caName!r} in {state.path}")
+        if crls:
+            parts.append(
+                state.read(
+                    state.file(caName, ".crl.pem"),
+                    f"CRL of {caName!r} (run 'crl --ca {caName}' first)",
+                )
+            )
+        else:
+            parts.append(certificatePEM(state.loadCertificate(caName)))
+    state.replace(out, b"".join(parts))
+
+
+DEMO_FILES = (
+    "root.crt",
+    "root.key",
+    "root.index.json",
+    "root.crl.pem",
+    "intermediate.crt",
+    "intermediate.key",
+    "intermediate.index.json",
+    "intermediate.crl.pem",
+    "server.crt",
+    "server-chain.pem",
+    "server.key",
+    "client.crt",
+    "client-chain.pem",
+    "client.key",
+    "revoked-client.crt",
+    "revoked-client-chain.pem",
+    "revoked-client.key",
+    "ca-bundle.pem",
+    "crls.pem",
+)
+"""
+The files L{createDemoPKI} writes.
+"""
+
+
+def createDemoPKI(directory: str | os.PathLike[str], keyType: str = "ec") -> list[Path]:
+    """
+    Create a complete demonstration PKI in C{directory}: root CA C{root};
+    intermediate CA C{intermediate}; server certificate C{server} for
+    C{localhost}, C{127.0.0.1} and C{::1}; client certificates C{client} and
+    C{revoked-client}, the latter revoked; CRLs for both CAs; C{ca-bundle.pem}
+    (root then intermediate) and C{crls.pem} (both CRLs).
+
+    @return: The files written, in order.
+    @raise PKIError: If any of L{DEMO_FILES} already exists.
+    """
+    state = _StateDirectory(Path(directory))
+    state.ensureExists()
+    state.requireFree(*(state.path / f for f in DEMO_FILES))
+    _makeRoot(state, "root", "mtlsproxy demo root CA", keyType, None)
+    _makeIntermediate(
+        state, "intermediate", "root", "mtlsproxy demo intermediate CA", keyType, None, 0
+    )
+    _makeLeaf(
+        state,
+        "server",
+        "intermediate",
+        "server",
+        "localhost",
+        keyType,
+        None,
+        dnsNames=["localhost"],
+        ipAddresses=["127.0.0.1", "::1"],
+    )
+    _makeLeaf(state, "client", "intermediate", "client", "client", keyType, None)
+    _makeLeaf(
+        state, "revoked-client", "intermediate", "client", "revoked-client", keyType, None
+    )
+    _revoke(state, "revoked-client")
+    _writeCRL(state, "root", None)
+    _bundle(state, state.path / "ca-bundle.pem", ["root", "intermediate"], crls=False)
+    _bundle(state, state.path / "crls.pem", ["root", "intermediate"], crls=True)
+    # Report each file once, in the order it was first written.
+    return list(dict.fromkeys(state.written))
+
+
+def _readPassword(args: argparse.Namespace) -> bytes:
+    """
+    The PKCS#12 password from C{--password-file} (its first line) or
+    C{--password-env}.
+    """
+    if args.password_file is not None:
+        try:
+            text = Path(args.password_file).read_bytes()
+        except OSError as e:
+            raise PKIError(f"cannot read password file: {e}") from None
+        password = text.splitlines()[0] if text else b""
+        source = f"password file {args.password_file}"
+    else:
+        value = os.environ.get(args.password_env)
+        if value is None:
+            raise PKIError(f"environment variable {args.password_env} is not set")
+        password = os.fsencode(value)
+        source = f"environment variable {args.password_env}"
+    if not password:
+        raise PKIError(f"{source} holds an empty password")
+    return password
+
+
+def _buildParser() -> _Parser:
+    """
+    The C{mtlsproxy-pki} argument parser.
+    """
+    parser = _Parser(
+        prog="mtlsproxy-pki",
+        description="Create and maintain a small PKI for mutual TLS: CAs, "
+        "server and client certificates, CRLs and PKCS#12 bundles.",
+    )
+    parser.add_argument(
+        "--dir", required=True, metavar="DIR", help="state directory (created if missing)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser, issuer: bool, cn: bool = True) -> None:
+        p.add_argument("--name", required=True, type=_entityName, help="file name stem")
+        if issuer:
+            p.add_argument(
+                "--issuer", required=True, type=_entityName, help="issuing CA's name"
+            )
+        if cn:
+            p.add_argument("--cn", help="subject common name")
+        p.add_argument("--key-type", choices=KEY_TYPES, default="ec")
+        p.add_argument("--days", type=_positiveInt, help="validity in days")
+
+    p = commands.add_parser("root", help="create a self-signed root CA")
+    common(p, issuer=False)
+    p = commands.add_parser("intermediate", help="create an intermediate CA")
+    common(p, issuer=True)
+    p.add_argument(
+        "--path-length",
+        type=_nonNegativeInt,
+        default=0,
+        help="basicConstraints pathLen (default 0: issues leaves only)",
+    )
+    p = commands.add_parser("server", help="issue a TLS server certificate")
+    common(p, issuer=True)
+    p.add_argument(
+        "--dns", action="append", default=[], type=_dnsName, help="DNS subjectAltName"
+    )
+    p.add_argument(
+        "--ip", action="append", default=[], type=_ipAddress, help="IP subjectAltName"
+    )
+    p = commands.add_parser("client", help="issue a TLS client certificate")
+    common(p, issuer=True)
+    p.add_argument("--email", action="append", default=[], help="e-mail subjectAltName")
+    p.add_argument("--uri", action="append", default=[], help="URI subjectAltName")
+    p.add_argument(
+        "--dns", action="append", default=[], type=_dnsName, help="DNS subjectAltName"
+    )
+
+    p = commands.add_parser("pkcs12", help="export a certificate, key and chain")
+    p.add_argument("--name", required=True, type=_entityName)
+    password = p.add_mutually_exclusive_group(required=True)
+    password.add_argument("--password-file", metavar="FILE")
+    password.add_argument("--password-env", metavar="VAR")
+    p.add_argument("--out", metavar="FILE", help="output file (default DIR/NAME.p12)")
+
+    p = commands.add_parser("revoke", help="revoke a certificate, rewrite its CRL")
+    p.add_argument("--name", required=True, type=_entityName)
+
+    p = commands.add_parser("crl", help="write CA.crl.pem")
+    p.add_argument("--ca", required=True, type=_entityName)
+    p.add_argument("--days", type=_positiveInt, help="nextUpdate in days (default 30)")
+
+    p = commands.add_parser("bundle", help="concatenate CA certificates")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("cas", nargs="+", type=_entityName, metavar="CA")
+    p = commands.add_parser("crl-bundle", help="concatenate CAs' CRLs")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("cas", nargs="+", type=_entityName, metavar="CA")
+
+    commands.add_parser("demo", help="create a complete demo PKI")
+    for name, subparser in commands.choices.items():
+        subparser.set_defaults(subparser=subparser)
+    return parser
+
+
+def _run(args: argparse.Namespace, out: IO[str]) -> None:
+    """
+    Carry out one parsed command, writing its report to C{out}.
+    """
+    state = _StateDirectory(Path(args.dir))
+    command = args.command
+    if command == "demo":
+        for path in createDemoPKI(state.path):
+            out.write(f"wrote {path}\n")
+        out.write(
+            f"revoked-client is revoked; trust {state.path / 'ca-bundle.pem'} "
+            f"and check {state.path / 'crls.pem'}\n"
+        )
+        return
+    if command == "server" and not args.dns and not args.ip:
+        args.subparser.error("at least one --dns or --ip is required")
+    if command in ("root", "intermediate", "server", "client"):
+        state.ensureExists()
+    if command == "root":
+        _makeRoot(state, args.name, args.cn or args.name, args.key_type, args.days)
+    elif command == "intermediate":
+        _makeIntermediate(
+            state,
+            args.name,
+            args.issuer,
+            args.cn or args.name,
+            args.key_type,
+            args.days,
+            args.path_length,
+        )
+    elif command == "server":
+        _makeLeaf(
+            state,
+            args.name,
+            args.issuer,
+            "server",
+            args.cn or (args.dns + args.ip)[0],
+            args.key_type,
+            args.days,
+            dnsNames=args.dns,
+            ipAddresses=args.ip,
+        )
+    elif command == "client":
+        _makeLeaf(
+            state,
+            args.name,
+            args.issuer,
+            "client",
+            args.cn or args.name,
+            args.key_type,
+            args.days,
+            dnsNames=args.dns,
+            emailAddresses=args.email,
+            uris=args.uri,
+        )
+    elif command == "pkcs12":
+        issued = state.loadIssued(args.name)
+        if state.isCA(args.name):
+            chain: list[x509.Certificate] = []
+        else:
+            chain = x509.load_pem_x509_certificates(
+                state.read(state.file(args.name, "-chain.pem"), "chain")
+            )[1:]
+        target = Path(args.out) if args.out else state.file(args.name, ".p12")
+        state.replace(
+            target,
+            pkcs12Bytes(issued, chain, _readPassword(args), args.name.encode("utf-8")),
+            0o600,
+        )
+    elif command == "revoke":
+        caName, serial = _revoke(state, args.name)
+        out.write(f"revoked {args.name} (serial {serial}) issued by {caName}\n")
+    elif command == "crl":
+        _writeCRL(state, args.ca, args.days)
+    elif command == "bundle":
+        _bundle(state, Path(args.out), args.cas, crls=False)
+    elif command == "crl-bundle":
+        _bundle(state, Path(args.out), args.cas, crls=True)
+    for path in dict.fromkeys(state.written):
+        out.write(f"wrote {path}\n")
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """
+    The C{mtlsproxy-pki} console script.
+
+    @param argv: The arguments, without the program name; default
+        C{sys.argv[1:]}.
+    @param stdout: Where reports go; default L{sys.stdout}.
+    @param stderr: Where errors go; default L{sys.stderr}.
+
+    @return: The exit status: 0 on success, 1 if the command failed, 2 for
+        bad arguments.  Errors are one line on C{stderr}, never a traceback.
+    """
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    parser = _buildParser()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+        _run(args, out)
+    except _ParserExit as e:
+        return e.status
+    except _UsageError as e:
+        err.write(e.usage)
+        err.write(f"{parser.prog}: error: {e.message}\n")
+        return 2
+    except PKIError as e:
+        err.write(f"{parser.prog}: error: {e}\n")
+        return 1
+    except (OSError, ValueError) as e:
+        err.write(f"{parser.prog}: error: {e}\n")
+        return 1
+    return 0

@@ -1,0 +1,716 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration file: TOML read with L{tomllib}, turned into frozen attrs
+classes.
+
+This module checks structure only: key names, types, allowed values, ranges,
+references between tables and the endpoint syntax.  It does not open the
+certificate, key and CRL files the configuration names; that is
+L{mtlsproxy.checks}.
+
+Every TOML key is an attribute of the same name on one of the classes below,
+marked with L{_key}.  L{loadConfig} derives the allowed keys, the required
+keys and the nested tables from those fields, so a new setting is one new
+attribute (with a default, a validator and documentation in
+C{docs/configuration.md}) and nothing else.
+
+Validators raise L{ConfigurationError} with the attribute's own name as the
+key; the loader, which knows where each table sits in the file, prefixes the
+key path (C{listeners[0]} + C{client_auth}) and adds the file name.  So the
+classes validate the same way when built directly in code or tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tomllib
+from datetime import date, datetime, time
+from typing import Any, Callable, Literal, Sequence, TypeVar
+
+import attrs
+
+from .errors import ConfigurationError, joinKey
+
+__all__ = [
+    "CertificateConfig",
+    "ListenerConfig",
+    "MemberConfig",
+    "PoolConfig",
+    "ProxyConfig",
+    "loadConfig",
+    "endpointProblem",
+]
+
+_T = TypeVar("_T")
+
+Protocol = Literal["tcp", "tls"]
+ClientAuth = Literal["off", "optional", "required"]
+CRLPolicy = Literal["reject", "allow"]
+
+# ---------------------------------------------------------------------------
+# How TOML values become attribute values
+# ---------------------------------------------------------------------------
+
+_KEY = "mtlsproxy.config"
+"""
+The attrs metadata key marking an attribute as a TOML key; its value is a
+L{_Key}.
+"""
+
+_Loader = Callable[[object, str, str], object]
+"""
+Turns the raw TOML value of a key into what the attrs class receives:
+C{(value, keyPath, baseDirectory) -> value}.  Loaders only reshape (resolve
+paths, build nested tables); type and value checks are the validators' job,
+so a loader passes anything it does not understand through unchanged.
+"""
+
+
+@attrs.frozen
+class _Key:
+    """
+    How one attribute is read from TOML.
+
+    @ivar load: The L{_Loader} for the value.
+    @ivar tlsOnly: The key configures TLS: on a C{protocol = "tcp"} listener
+        a value other than the default is an error.
+    """
+
+    load: _Loader
+    tlsOnly: bool = False
+
+
+def _plain(value: object, keyPath: str, baseDirectory: str) -> object:
+    """
+    Take the TOML value as it is.
+    """
+    return value
+
+
+def _resolve(value: object, baseDirectory: str) -> object:
+    """
+    Make a non-empty string path absolute, relative to C{baseDirectory}.
+    """
+    if isinstance(value, str) and value:
+        return os.path.normpath(os.path.join(baseDirectory, value))
+    return value
+
+
+def _path(value: object, keyPath: str, baseDirectory: str) -> object:
+    """
+    A file path, resolved against the configuration file's folder.
+    """
+    return _resolve(value, baseDirectory)
+
+
+def _paths(value: object, keyPath: str, baseDirectory: str) -> object:
+    """
+    An array of file paths, each resolved like L{_path}.
+    """
+    if isinstance(value, list):
+        return [_resolve(item, baseDirectory) for item in value]
+    return value
+
+
+def _tables(cls: type[Any]) -> _Loader:
+    """
+    A loader for an array of tables (C{[[listeners]]}), each becoming an
+    instance of C{cls}.
+    """
+
+    def load(value: object, keyPath: str, baseDirectory: str) -> object:
+        if not isinstance(value, list):
+            raise ConfigurationError(
+                f"expected an array of tables, got {_describe(value)}", key=keyPath
+            )
+        return tuple(
+            _structure(cls, item, f"{keyPath}[{index}]", baseDirectory)
+            for index, item in enumerate(value)
+        )
+
+    return load
+
+
+def _key(load: _Loader = _plain, tlsOnly: bool = False) -> dict[str, _Key]:
+    """
+    The attrs C{metadata} that makes an attribute a TOML key.
+    """
+    return {_KEY: _Key(load, tlsOnly)}
+
+
+def _tomlFields(cls: type[Any]) -> list[tuple[attrs.Attribute[Any], _Key]]:
+    """
+    The attributes of C{cls} that are TOML keys, in declaration order.
+    """
+    return [(f, f.metadata[_KEY]) for f in attrs.fields(cls) if _KEY in f.metadata]
+
+
+def _structure(
+    cls: type[_T],
+    raw: object,
+    keyPath: str,
+    baseDirectory: str,
+    extra: dict[str, object] | None = None,
+) -> _T:
+    """
+    Build a C{cls} from a TOML table.
+
+    @param raw: The table as L{tomllib} returned it (or anything else, which
+        is an error).
+    @param keyPath: Where the table sits in the file (C{""} for the
+        top-level table).
+    @param baseDirectory: The folder relative paths are resolved against.
+    @param extra: Attributes that are not TOML keys.
+
+    @raise ConfigurationError: For an unknown or missing key or any value a
+        validator refuses; the key path is complete, the file is not set.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigurationError(
+            f"expected a table, got {_describe(raw)}", key=keyPath or None
+        )
+    fields = _tomlFields(cls)
+    names = [f.name for f, _ in fields]
+    for name in raw:
+        if name not in names:
+            raise ConfigurationError(
+                f"unknown key {name!r}; expected one of: {', '.join(names)}",
+                key=keyPath or None,
+            )
+    kwargs: dict[str, object] = dict(extra or {})
+    for field, spec in fields:
+        if field.name in raw:
+            kwargs[field.name] = spec.load(
+                raw[field.name], joinKey(keyPath, field.name) or "", baseDirectory
+            )
+        elif field.default is attrs.NOTHING:
+            raise ConfigurationError(
+                f"missing required key {field.name!r}", key=keyPath or None
+            )
+    try:
+        return cls(**kwargs)
+    except ConfigurationError as e:
+        raise e.within(keyPath)
+
+
+# ---------------------------------------------------------------------------
+# Validators and converters
+# ---------------------------------------------------------------------------
+
+
+def _describe(value: object) -> str:
+    """
+    Describe a TOML value for an error message: strings quoted, other
+    scalars with their TOML type, tables and arrays by kind only.
+    """
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 80 else text[:76] + '..."'
+    if isinstance(value, bool):
+        return "boolean " + ("true" if value else "false")
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "float nan"
+        if math.isinf(value):
+            return "float " + ("inf" if value > 0 else "-inf")
+        return f"float {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, datetime):
+        return f"date-time {value.isoformat()}"
+    if isinstance(value, date):
+        return f"date {value.isoformat()}"
+    if isinstance(value, time):
+        return f"time {value.isoformat()}"
+    return repr(value)
+
+
+def _refuse(attribute: attrs.Attribute[Any], expected: str, value: object) -> ConfigurationError:
+    """
+    The error for an attribute whose value is not what was C{expected}.
+    """
+    return ConfigurationError(f"expected {expected}, got {_describe(value)}", key=attribute.name)
+
+
+def _nonEmptyString(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a non-empty string.
+    """
+    if not isinstance(value, str) or not value:
+        raise _refuse(attribute, "a non-empty string", value)
+
+
+def _oneOf(*choices: str) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """
+    A validator for a string that must be one of C{choices}.
+    """
+    expected = "one of " + ", ".join(json.dumps(c) for c in choices)
+
+    def validate(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in choices or not isinstance(value, str):
+            raise _refuse(attribute, expected, value)
+
+    return validate
+
+
+def _integer(low: int, high: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """
+    A validator for an integer (not a boolean) from C{low} to C{high}.
+    """
+
+    def validate(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _refuse(attribute, f"an integer from {low} to {high}", value)
+
+    return validate
+
+
+def _atLeast(low: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """
+    A validator for an integer (not a boolean) of at least C{low}.
+    """
+
+    def validate(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _refuse(attribute, f"an integer of at least {low}", value)
+
+    return validate
+
+
+def _toFloat(value: object) -> object:
+    """
+    Convert a TOML integer (C{timeout = 5}) to a float; leave anything else
+    to the validator.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _positiveSeconds(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a finite number of seconds greater than zero.
+    """
+    if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+        raise _refuse(attribute, "a number of seconds greater than 0", value)
+
+
+def _toTuple(value: object) -> object:
+    """
+    Convert a TOML array to a tuple; leave anything else to the validator.
+    """
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _filePaths(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a tuple of non-empty path strings.
+    """
+    if not isinstance(value, tuple):
+        raise _refuse(attribute, "an array of file paths", value)
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise ConfigurationError(
+                f"expected a file path, got {_describe(item)}",
+                key=f"{attribute.name}[{index}]",
+            )
+
+
+def _filePath(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a non-empty path string.
+    """
+    if not isinstance(value, str) or not value:
+        raise _refuse(attribute, "a file path", value)
+
+
+def _tuplesOf(
+    cls: type[Any], table: str, minimum: int = 0
+) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """
+    A validator for a tuple of C{cls} instances (nested tables), with at
+    least C{minimum} of them.
+
+    @param table: The TOML name of the tables, C{"pools.members"}, for the
+        message.
+    """
+
+    def validate(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, tuple) or not all(isinstance(v, cls) for v in value):
+            raise _refuse(attribute, f"an array of [[{table}]] tables", value)
+        if len(value) < minimum:
+            raise ConfigurationError(
+                f"at least {minimum} [[{table}]] table{'' if minimum == 1 else 's'}"
+                " required",
+                key=attribute.name,
+            )
+
+    return validate
+
+
+# Endpoint descriptions.  Parsing one constructs an endpoint object, which
+# needs a reactor; a MemoryReactor keeps the global one out of it.
+_SKIP_CONSTRUCTION = frozenset(["systemd"])
+"""
+Endpoint types whose construction depends on the process environment (the
+descriptors systemd passed), not on the description: only their syntax is
+checked, so that C{mtlsproxy check} works outside systemd too.
+"""
+
+
+def endpointProblem(description: str) -> str | None:
+    """
+    Check a Twisted server endpoint description (C{"tcp:8443"}) without
+    listening and without the global reactor.
+
+    C{ssl:} descriptions are refused: mtlsproxy terminates TLS itself
+    (C{protocol = "tls"}), where client certificates and CRLs are checked.
+
+    @return: L{None} if C{description} is usable, otherwise what is wrong.
+    """
+    from twisted.internet.endpoints import _parseServer, serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    prefix = description.split(":", 1)[0].lower()
+    if prefix == "ssl":
+        return (
+            'ssl endpoints are not supported; use a tcp endpoint with protocol = "tls"'
+            " and [[listeners.certificates]], so that mtlsproxy terminates TLS"
+        )
+    try:
+        # Plugins can raise anything at all from their parsers.
+        if prefix in _SKIP_CONSTRUCTION:
+            _parseServer(description, None)
+            return None
+        endpoint = serverFromString(MemoryReactor(), description)
+    except Exception as e:
+        reason = str(e) or type(e).__name__
+        return (
+            f'expected a server endpoint description such as "tcp:8443:interface=127.0.0.1";'
+            f" {json.dumps(description, ensure_ascii=False)} does not parse: {reason}"
+        )
+    # TCP4ServerEndpoint and TCP6ServerEndpoint accept any integer port and
+    # fail only when listening.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        return f"port {port} out of range: expected 0 to 65535"
+    return None
+
+
+def _endpoint(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a server endpoint description, see L{endpointProblem}.
+    """
+    _nonEmptyString(instance, attribute, value)
+    assert isinstance(value, str)
+    problem = endpointProblem(value)
+    if problem is not None:
+        raise ConfigurationError(problem, key=attribute.name)
+
+
+# ---------------------------------------------------------------------------
+# The configuration classes
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CertificateConfig:
+    """
+    One server certificate of a TLS listener (C{[[listeners.certificates]]}).
+
+    @ivar cert: Absolute path of a PEM file: the server certificate first,
+        then the intermediates that clients need to build the chain.
+    @ivar key: Absolute path of the PEM private key for the certificate.
+    """
+
+    cert: str = attrs.field(validator=_filePath, metadata=_key(_path))
+    key: str = attrs.field(validator=_filePath, metadata=_key(_path))
+
+
+@attrs.frozen
+class ListenerConfig:
+    """
+    One listening endpoint (C{[[listeners]]}).
+
+    @ivar name: Unique name, used in logs and in the loaded material.
+    @ivar endpoint: Twisted server endpoint description,
+        C{"tcp:8443:interface=127.0.0.1"}.
+    @ivar protocol: C{"tls"} terminates TLS, C{"tcp"} relays bytes as they
+        are.
+    @ivar pool: Name of the pool connections are sent to.
+    @ivar client_auth: Client certificates: C{"off"} (not asked for),
+        C{"optional"} (verified if sent) or C{"required"}.
+    @ivar ca_certificates: Absolute paths of PEM files with the CAs that
+        issue client certificates.
+    @ivar crls: Absolute paths of CRL files (PEM, several per file, or DER).
+    @ivar certificates: The server certificates.
+    @ivar crl_missing: C{"reject"} or C{"allow"} a client certificate whose
+        chain has a CA without a configured CRL.
+    @ivar crl_expired: C{"reject"} or C{"allow"} a client certificate
+        checked against a CRL past its nextUpdate.
+    """
+
+    name: str = attrs.field(validator=_nonEmptyString, metadata=_key())
+    endpoint: str = attrs.field(validator=_endpoint, metadata=_key())
+    protocol: Protocol = attrs.field(validator=_oneOf("tcp", "tls"), metadata=_key())
+    pool: str = attrs.field(validator=_nonEmptyString, metadata=_key())
+    client_auth: ClientAuth = attrs.field(
+        default="off",
+        validator=_oneOf("off", "optional", "required"),
+        metadata=_key(tlsOnly=True),
+    )
+    ca_certificates: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_toTuple,
+        validator=_filePaths,
+        metadata=_key(_paths, tlsOnly=True),
+    )
+    crls: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_toTuple,
+        validator=_filePaths,
+        metadata=_key(_paths, tlsOnly=True),
+    )
+    certificates: tuple[CertificateConfig, ...] = attrs.field(
+        default=(),
+        validator=_tuplesOf(CertificateConfig, "listeners.certificates"),
+        metadata=_key(_tables(CertificateConfig), tlsOnly=True),
+    )
+    crl_missing: CRLPolicy = attrs.field(
+        default="reject",
+        validator=_oneOf("reject", "allow"),
+        metadata=_key(tlsOnly=True),
+    )
+    crl_expired: CRLPolicy = attrs.field(
+        default="reject",
+        validator=_oneOf("reject", "allow"),
+        metadata=_key(tlsOnly=True),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Check the settings that depend on each other.
+        """
+        if self.protocol == "tcp":
+            for field, spec in _tomlFields(type(self)):
+                if spec.tlsOnly and getattr(self, field.name) != field.default:
+                    raise ConfigurationError(
+                        'only allowed with protocol = "tls"; this listener has'
+                        ' protocol = "tcp"',
+                        key=field.name,
+                    )
+            return
+        if not self.certificates:
+            raise ConfigurationError(
+                'protocol = "tls" needs at least one [[listeners.certificates]]'
+                " table (cert and key)",
+                key="certificates",
+            )
+        if self.client_auth != "off" and not self.ca_certificates:
+            raise ConfigurationError(
+                f'client_auth = "{self.client_auth}" needs at least one CA file'
+                " to verify client certificates with",
+                key="ca_certificates",
+            )
+
+    @property
+    def tls(self) -> bool:
+        """
+        Does this listener terminate TLS?
+        """
+        return self.protocol == "tls"
+
+
+@attrs.frozen
+class MemberConfig:
+    """
+    One backend server of a pool (C{[[pools.members]]}).
+
+    @ivar address: Host name or IP address.
+    @ivar port: TCP port, 1 to 65535.
+    @ivar weight: Share of new connections relative to the other members,
+        0 to 1000; 0 means never picked.
+    """
+
+    address: str = attrs.field(validator=_nonEmptyString, metadata=_key())
+    port: int = attrs.field(validator=_integer(1, 65535), metadata=_key())
+    weight: int = attrs.field(default=1, validator=_integer(0, 1000), metadata=_key())
+
+
+@attrs.frozen
+class PoolConfig:
+    """
+    A group of backend servers (C{[[pools]]}).
+
+    @ivar name: Unique name that listeners refer to.
+    @ivar selector: Name of the backend selector plugin that picks a member
+        for each connection.
+    @ivar members: The backend servers, at least one.
+    @ivar connect_timeout: Seconds to wait for a backend connection.
+    @ivar max_connect_attempts: Members tried for one client connection
+        before giving up.
+    """
+
+    name: str = attrs.field(validator=_nonEmptyString, metadata=_key())
+    selector: str = attrs.field(
+        default="round_robin", validator=_nonEmptyString, metadata=_key()
+    )
+    members: tuple[MemberConfig, ...] = attrs.field(
+        default=(), validator=_tuplesOf(MemberConfig, "pools.members", 1), metadata=_key(_tables(MemberConfig))
+    )
+    connect_timeout: float = attrs.field(
+        default=5.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key()
+    )
+    max_connect_attempts: int = attrs.field(
+        default=3, validator=_atLeast(1), metadata=_key()
+    )
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Refuse the same backend twice: members are told apart by address
+        and port.
+        """
+        seen: dict[tuple[str, int], int] = {}
+        for index, member in enumerate(self.members):
+            where = (member.address, member.port)
+            if where in seen:
+                raise ConfigurationError(
+                    f"duplicate member {member.address}:{member.port}"
+                    f" (same as members[{seen[where]}])",
+                    key=f"members[{index}]",
+                )
+            seen[where] = index
+
+
+@attrs.frozen
+class ProxyConfig:
+    """
+    The whole configuration file.
+
+    @ivar path: Absolute path of the file it was read from (for messages and
+        reloading); not a TOML key.
+    @ivar listeners: The listeners, at least one, names unique.
+    @ivar pools: The pools, at least one, names unique.
+    """
+
+    path: str = attrs.field(validator=attrs.validators.instance_of(str))
+    listeners: tuple[ListenerConfig, ...] = attrs.field(
+        validator=_tuplesOf(ListenerConfig, "listeners", 1), metadata=_key(_tables(ListenerConfig))
+    )
+    pools: tuple[PoolConfig, ...] = attrs.field(
+        validator=_tuplesOf(PoolConfig, "pools", 1), metadata=_key(_tables(PoolConfig))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Check names and references across tables.
+        """
+        try:
+            _unique("listeners", [listener.name for listener in self.listeners], "listener")
+            _unique("pools", [pool.name for pool in self.pools], "pool")
+            pools = [pool.name for pool in self.pools]
+            for index, listener in enumerate(self.listeners):
+                if listener.pool not in pools:
+                    raise ConfigurationError(
+                        f"unknown pool {listener.pool!r}; defined pools: {', '.join(pools)}",
+                        key=f"listeners[{index}].pool",
+                    )
+        except ConfigurationError as e:
+            raise e.inFile(self.path) from None
+
+    def pool(self, name: str) -> PoolConfig:
+        """
+        The pool called C{name}.
+
+        @raise KeyError: If there is none.
+        """
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+
+def _unique(table: str, names: Sequence[str], what: str) -> None:
+    """
+    Refuse a name used twice in C{table}.
+    """
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in seen:
+            raise ConfigurationError(
+                f"duplicate {what} name {name!r} (also {table}[{seen[name]}].name)",
+                key=f"{table}[{index}].name",
+            )
+        seen[name] = index
+
+
+# ---------------------------------------------------------------------------
+# Reading the file
+# ---------------------------------------------------------------------------
+
+_TOML_POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)$")
+
+
+def _syntaxError(error: tomllib.TOMLDecodeError, text: str, path: str) -> ConfigurationError:
+    """
+    Turn L{tomllib}'s message, C{"Invalid value (at line 3, column 10)"},
+    into C{"<file>: line 3: Invalid value (column 10)"}.
+    """
+    message = str(error.args[0]) if error.args else str(error)
+    match = _TOML_POSITION.search(message)
+    if match is None:
+        return ConfigurationError(f"invalid TOML: {message}", path=path)
+    problem = message[: match.start()]
+    if match.group(1) is not None:
+        return ConfigurationError(
+            f"{problem} (column {match.group(2)})", path=path, line=int(match.group(1))
+        )
+    return ConfigurationError(
+        f"{problem} (at end of document)", path=path, line=text.count("\n") + 1
+    )
+
+
+def loadConfig(path: str) -> ProxyConfig:
+    """
+    Read and validate a configuration file.
+
+    Relative file paths in it are resolved against the folder of C{path}.
+    The certificate, key and CRL files are not opened here; see
+    L{mtlsproxy.checks.checkConfiguration}.
+
+    @param path: The TOML file.
+
+    @raise ConfigurationError: If the file cannot be read, is not TOML, or
+        does not describe a valid configuration.  The error names the file
+        (absolute) and the key path.
+    """
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigurationError(
+            f"cannot read configuration file: {e.strerror or e}", path=path
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigurationError("not valid UTF-8", path=path, line=line) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _syntaxError(e, text, path) from None
+    try:
+        return _structure(ProxyConfig, raw, "", os.path.dirname(path), {"path": path})
+    except ConfigurationError as e:
+        raise e.inFile(path) from None
