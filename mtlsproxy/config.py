@@ -124,7 +124,7 @@ def _tables(cls: type[Any]) -> _Loader:
     def load(value: object, keyPath: str, baseDirectory: str) -> object:
         if not isinstance(value, list):
             raise ConfigurationError(
-                f"expected an array of tables, got {_describe(value)}", key=keyPath
+                f"expected an array of tables; got {_describe(value)}", key=keyPath
             )
         return tuple(
             _structure(cls, item, f"{keyPath}[{index}]", baseDirectory)
@@ -170,7 +170,7 @@ def _structure(
     """
     if not isinstance(raw, dict):
         raise ConfigurationError(
-            f"expected a table, got {_describe(raw)}", key=keyPath or None
+            f"expected a table; got {_describe(raw)}", key=keyPath or None
         )
     fields = _tomlFields(cls)
     names = [f.name for f, _ in fields]
@@ -236,7 +236,7 @@ def _refuse(attribute: attrs.Attribute[Any], expected: str, value: object) -> Co
     """
     The error for an attribute whose value is not what was C{expected}.
     """
-    return ConfigurationError(f"expected {expected}, got {_describe(value)}", key=attribute.name)
+    return ConfigurationError(f"expected {expected}; got {_describe(value)}", key=attribute.name)
 
 
 def _nonEmptyString(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -320,7 +320,7 @@ def _filePaths(instance: object, attribute: attrs.Attribute[Any], value: object)
     for index, item in enumerate(value):
         if not isinstance(item, str) or not item:
             raise ConfigurationError(
-                f"expected a file path, got {_describe(item)}",
+                f"expected a file path; got {_describe(item)}",
                 key=f"{attribute.name}[{index}]",
             )
 
@@ -349,7 +349,7 @@ def _tuplesOf(
             raise _refuse(attribute, f"an array of [[{table}]] tables", value)
         if len(value) < minimum:
             raise ConfigurationError(
-                f"at least {minimum} [[{table}]] table{'' if minimum == 1 else 's'}"
+                f"at least {'one' if minimum == 1 else minimum} [[{table}]] table{'' if minimum == 1 else 's'}"
                 " required",
                 key=attribute.name,
             )
@@ -665,7 +665,7 @@ def _syntaxError(error: tomllib.TOMLDecodeError, text: str, path: str) -> Config
     Turn L{tomllib}'s message, C{"Invalid value (at line 3, column 10)"},
     into C{"<file>: line 3: Invalid value (column 10)"}.
     """
-    message = str(error.args[0]) if error.args else str(error)
+    message = str(error)
     match = _TOML_POSITION.search(message)
     if match is None:
         return ConfigurationError(f"invalid TOML: {message}", path=path)
@@ -675,7 +675,7 @@ def _syntaxError(error: tomllib.TOMLDecodeError, text: str, path: str) -> Config
             f"{problem} (column {match.group(2)})", path=path, line=int(match.group(1))
         )
     return ConfigurationError(
-        f"{problem} (at end of document)", path=path, line=text.count("\n") + 1
+        f"{problem} (at end of file)", path=path, line=text.rstrip().count("\n") + 1
     )
 
 

@@ -72,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import pki
 
-    if not os.path.exists(os.path.join(PKI, "ca-bundle.pem")):
-        os.makedirs(PKI, exist_ok=True)
+    if not all(os.path.exists(os.path.join(PKI, name)) for name in pki.DEMO_FILES):
+        # A missing or half-written demo PKI (an interrupted run) is made anew.
+        shutil.rmtree(PKI, ignore_errors=True)
         if pki.main(["--dir", PKI, "demo"]) != 0:
             return 1
     children: list[subprocess.Popen[bytes]] = []

@@ -6,8 +6,9 @@ certificates, certificate revocation lists and PKCS#12 bundles.
 The library half builds everything in memory with C{cryptography}; the
 certificates are shaped so that both OpenSSL 3/4 with
 C{X509_V_FLAG_X509_STRICT} and C{cryptography.x509.verification} accept
-them (critical basicConstraints and keyUsage, a subject key identifier on
-every certificate and an authority key identifier on every certificate).
+them: critical basicConstraints and keyUsage, subject and authority key
+identifiers on every certificate, extendedKeyUsage and subjectAltName on
+end-entity certificates.
 
 The command-line half, L{main}, is the C{mtlsproxy-pki} console script: it
 keeps a tiny state directory (one certificate, key and JSON index per CA) and
@@ -31,6 +32,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -52,8 +54,6 @@ __all__ = [
     "PKIError",
     "createDemoPKI",
     "main",
-
-
 ]
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
@@ -192,11 +192,11 @@ def _requireCA(issuer: Issued, pathLengthNeeded: bool = False) -> None:
         raise ValueError("issuer key does not match issuer certificate")
 
 
-def _spki(publicKey: object) -> bytes:
+def _spki(publicKey: CertificatePublicKeyTypes) -> bytes:
     """
     The DER SubjectPublicKeyInfo of a public key, for comparing keys.
     """
-    return publicKey.public_bytes(  # type: ignore[attr-defined, no-any-return]
+    return publicKey.public_bytes(
         serialization.Encoding.DER,
         serialization.PublicFormat.SubjectPublicKeyInfo,
     )
@@ -721,7 +721,8 @@ def _serialText(serial: int) -> str:
     A serial number as upper-case hexadecimal, as C{openssl x509 -serial}
     prints it.
     """
-    return f"{serial:X}"
+    text = f"{serial:X}"
+    return text if len(text) % 2 == 0 else f"0{text}"
 
 
 @attrs.define
@@ -813,7 +814,9 @@ class _StateDirectory:
         except ValueError as e:
             raise PKIError(f"{path}: not valid JSON: {e}") from None
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
-            raise PKIError(f"{path}: not an mtlsproxy-pki index (format {INDEX_FORMAT})")
+            raise PKIError(
+                f"{path}: not an mtlsproxy-pki index (format {INDEX_FORMAT})"
+            )
         return data
 
     def saveIndex(self, name: str, index: _Index) -> None:
@@ -851,12 +854,33 @@ class _StateDirectory:
             raise PKIError(f"{path}: unsupported key type {type(key).__name__}")
         return Issued(certificate=cert, key=key)
 
-    def loadCA(self, name: str) -> tuple[Issued, _Index]:
+    def loadCA(self, name: str, issuing: bool = True) -> tuple[Issued, _Index]:
         """
         Load CA C{name}: certificate, key and index.
+
+        @param issuing: Whether the CA is about to issue a certificate, which
+            a revoked CA may not (it may still sign its CRL).
         """
         index = self.loadIndex(name)
+        if issuing:
+            self.requireUsable(name, index)
         return self.loadIssued(name), index
+
+    def requireUsable(self, caName: str, index: _Index) -> None:
+        """
+        Refuse to issue from a CA that its own issuer has revoked.
+
+        @raise PKIError: If C{caName} is recorded as revoked.
+        """
+        parent = index.get("issuer")
+        if not parent:
+            return
+        for entry in self.loadIndex(parent).get("issued", []):
+            if entry.get("name") == caName and entry.get("revoked_at"):
+                raise PKIError(
+                    f"CA {caName!r} was revoked at {entry['revoked_at']}; "
+                    "it cannot issue certificates"
+                )
 
     def intermediatesFrom(self, caName: str) -> list[x509.Certificate]:
         """
@@ -1018,7 +1042,12 @@ def _makeLeaf(
     notAfter = _notAfter(days, issuer)
     if kind == "server":
         leaf = issueServerCertificate(
-            issuer, commonName, dnsNames, ipAddresses, keyType=keyType, notAfter=notAfter
+            issuer,
+            commonName,
+            dnsNames,
+            ipAddresses,
+            keyType=keyType,
+            notAfter=notAfter,
         )
     else:
         leaf = issueClientCertificate(
@@ -1038,12 +1067,14 @@ def _makeLeaf(
     return leaf
 
 
-def _writeCRL(state: _StateDirectory, caName: str, days: int | None) -> Path:
+def _writeCRL(
+    state: _StateDirectory, caName: str, days: int | None, der: bool = False
+) -> Path:
     """
-    Sign and write C{CA.crl.pem} listing every certificate revoked in CA
-    C{caName}'s index, with the next CRL number.
+    Sign and write C{CA.crl.pem} (and C{CA.crl.der} if C{der}) listing every
+    certificate revoked in CA C{caName}'s index, with the next CRL number.
     """
-    ca, index = state.loadCA(caName)
+    ca, index = state.loadCA(caName, issuing=False)
     revoked = [
         (int(entry["serial"], 16), datetime.fromisoformat(entry["revoked_at"]))
         for entry in index["issued"]
@@ -1054,6 +1085,8 @@ def _writeCRL(state: _StateDirectory, caName: str, days: int | None) -> Path:
     crl = buildCRL(ca, revoked, nextUpdate=nextUpdate, crlNumber=number)
     path = state.file(caName, ".crl.pem")
     state.replace(path, crlPEM(crl))
+    if der:
+        state.replace(state.file(caName, ".crl.der"), crlDER(crl))
     index["crl_number"] = number
     state.saveIndex(caName, index)
     return path
@@ -1137,7 +1170,13 @@ def createDemoPKI(directory: str | os.PathLike[str], keyType: str = "ec") -> lis
     state.requireFree(*(state.path / f for f in DEMO_FILES))
     _makeRoot(state, "root", "mtlsproxy demo root CA", keyType, None)
     _makeIntermediate(
-        state, "intermediate", "root", "mtlsproxy demo intermediate CA", keyType, None, 0
+        state,
+        "intermediate",
+        "root",
+        "mtlsproxy demo intermediate CA",
+        keyType,
+        None,
+        0,
     )
     _makeLeaf(
         state,
@@ -1152,7 +1191,13 @@ def createDemoPKI(directory: str | os.PathLike[str], keyType: str = "ec") -> lis
     )
     _makeLeaf(state, "client", "intermediate", "client", "client", keyType, None)
     _makeLeaf(
-        state, "revoked-client", "intermediate", "client", "revoked-client", keyType, None
+        state,
+        "revoked-client",
+        "intermediate",
+        "client",
+        "revoked-client",
+        keyType,
+        None,
     )
     _revoke(state, "revoked-client")
     _writeCRL(state, "root", None)
@@ -1195,7 +1240,10 @@ def _buildParser() -> _Parser:
         "server and client certificates, CRLs and PKCS#12 bundles.",
     )
     parser.add_argument(
-        "--dir", required=True, metavar="DIR", help="state directory (created if missing)"
+        "--dir",
+        required=True,
+        metavar="DIR",
+        help="state directory (created if missing)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -1249,6 +1297,7 @@ def _buildParser() -> _Parser:
     p = commands.add_parser("crl", help="write CA.crl.pem")
     p.add_argument("--ca", required=True, type=_entityName)
     p.add_argument("--days", type=_positiveInt, help="nextUpdate in days (default 30)")
+    p.add_argument("--der", action="store_true", help="also write CA.crl.der")
 
     p = commands.add_parser("bundle", help="concatenate CA certificates")
     p.add_argument("--out", required=True, metavar="FILE")
@@ -1258,7 +1307,7 @@ def _buildParser() -> _Parser:
     p.add_argument("cas", nargs="+", type=_entityName, metavar="CA")
 
     commands.add_parser("demo", help="create a complete demo PKI")
-    for name, subparser in commands.choices.items():
+    for subparser in commands.choices.values():
         subparser.set_defaults(subparser=subparser)
     return parser
 
@@ -1336,7 +1385,7 @@ def _run(args: argparse.Namespace, out: IO[str]) -> None:
         caName, serial = _revoke(state, args.name)
         out.write(f"revoked {args.name} (serial {serial}) issued by {caName}\n")
     elif command == "crl":
-        _writeCRL(state, args.ca, args.days)
+        _writeCRL(state, args.ca, args.days, args.der)
     elif command == "bundle":
         _bundle(state, Path(args.out), args.cas, crls=False)
     elif command == "crl-bundle":

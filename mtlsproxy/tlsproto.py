@@ -1,0 +1,363 @@
+# -*- test-case-name: tests.test_tlsproto -*-
+"""
+A TLS transport that can be half-closed, for a proxy that forwards EOF.
+
+Twisted's L{TLSMemoryBIOProtocol} treats TLS as all-or-nothing: when the peer's
+close_notify arrives it closes the whole connection, and C{loseWriteConnection}
+falls through to the TCP transport underneath, which sends a FIN without a
+close_notify (a truncation attack, as far as the peer can tell).
+
+TLS 1.3 (RFC 8446, section 6.1) makes each direction independent: a
+close_notify "does not have any effect on [the] read side of the connection".
+L{HalfCloseTLSProtocol} uses that:
+
+  - On TLS 1.3, when the peer's close_notify arrives and the wrapped protocol
+    provides L{IHalfCloseableProtocol}, the wrapped protocol gets
+    C{readConnectionLost()} and may go on writing.
+  - C{loseWriteConnection()} sends close_notify (one C{SSL_shutdown}) after any
+    buffered data and goes on reading until the peer's close_notify (or its
+    TCP FIN); the TCP connection is closed once both close_notify alerts have
+    been exchanged.
+  - On TLS 1.2 a received close_notify closes both directions, as RFC 5246
+    requires and as Twisted always did.  Sending one (C{loseWriteConnection})
+    works the same as on TLS 1.3: an RFC 5246 peer answers with its own
+    close_notify and the connection closes.
+
+It also fixes two things a relay runs into when the TLS transport is used as a
+producer: C{stopProducing()} closes with close_notify instead of dropping the
+TCP connection underneath, and C{loseConnection()} makes sure the TCP transport
+is reading, since a TLS close waits for the peer's close_notify.
+
+Handshake failures are reported once, through L{HalfCloseTLSProtocol.handshakeFailed},
+which calls the C{handshakeFailed} callback given to L{HalfCloseTLSFactory}:
+that is where verification logging plugs in.
+
+This module relies on private details of L{TLSMemoryBIOProtocol}
+(C{_tlsConnection}, C{_flushReceiveBIO}, C{_flushSendBIO}, C{_shutdownTLS},
+C{_tlsShutdownFinished}, C{_appSendBuffer}); they have been stable for a long
+time and C{tests.test_tlsproto} pins the behaviour that depends on them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from OpenSSL.SSL import SENT_SHUTDOWN, Error, WantReadError, ZeroReturnError
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["HalfCloseTLSProtocol", "HalfCloseTLSFactory", "HandshakeFailureHandler", "TLS13"]
+
+TLS13 = "TLSv1.3"
+"""
+The protocol version name OpenSSL reports for TLS 1.3, the only version on
+which a received close_notify closes just one direction.
+"""
+
+HandshakeFailureHandler = Callable[["HalfCloseTLSProtocol", Failure], object]
+"""
+The type of L{HalfCloseTLSFactory}'s C{handshakeFailed} callback: it receives
+the TLS protocol (its C{getHandle()} is still usable) and the reason.
+"""
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
+    """
+    A L{TLSMemoryBIOProtocol} that supports half-close on TLS 1.3.
+
+    It is also an L{IHalfCloseableProtocol} towards the TCP transport below
+    it, so that a peer's TCP FIN after its close_notify does not end the
+    direction we are still writing in.
+
+    @ivar _peerClosedWrite: The peer's close_notify arrived on TLS 1.3 and the
+        wrapped protocol was told with C{readConnectionLost()}; nothing more
+        is read.
+    @ivar _writeClosed: C{loseWriteConnection()} was called: writes are
+        dropped from then on.
+    @ivar _closeNotifyPending: C{loseWriteConnection()} was called while the
+        handshake was still going or cleartext was buffered; close_notify is
+        sent once that has been dealt with.
+    @ivar _handshakeFailureReported: L{handshakeFailed} has been called.
+    """
+
+    factory: HalfCloseTLSFactory
+
+    log = Logger()
+
+    _peerClosedWrite = False
+    _writeClosed = False
+    _closeNotifyPending = False
+    _handshakeFailureReported = False
+
+    # -- half-close, reading side ------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Deliver TLS bytes from the TCP transport, unless the peer already sent
+        close_notify: a peer may not send anything after it.
+        """
+        if self._peerClosedWrite:
+            return
+        super().dataReceived(data)
+
+    def _flushReceiveBIO(self) -> None:
+        """
+        Deliver decrypted application data, as L{TLSMemoryBIOProtocol} does,
+        except that the peer's close_notify may end only the reading side
+        (see L{_peerSentCloseNotify}).
+        """
+        while not self._lostTLSConnection and not self._peerClosedWrite:
+            try:
+                data = self._tlsConnection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                if self._peerSentCloseNotify():
+                    break
+                # Twisted's behaviour: answer with our close_notify and close.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+        self._flushSendBIO()
+
+    def _peerSentCloseNotify(self) -> bool:
+        """
+        The peer's close_notify has arrived: decide whether it ends only the
+        reading side.
+
+        @return: C{True} if the wrapped protocol was told with
+            C{readConnectionLost()} and the connection stays open for writing;
+            C{False} if the whole connection should close, because the version
+            is not TLS 1.3, the wrapped protocol cannot be half-closed, or we
+            already sent our own close_notify (then both directions are done).
+        """
+        halfCloseable = IHalfCloseableProtocol.providedBy(self.wrappedProtocol)
+        if (
+            not halfCloseable
+            or self._closeNotifySent()
+            or self._tlsConnection.get_protocol_version_name() != TLS13
+        ):
+            return False
+        self._peerClosedWrite = True
+        self.wrappedProtocol.readConnectionLost()
+        return True
+
+    def readConnectionLost(self) -> None:
+        """
+        The TCP transport below saw the peer's FIN.
+
+        After the peer's close_notify that changes nothing: we may still be
+        writing.  Otherwise the TLS stream was cut short (or the handshake
+        never finished): close, and the wrapped protocol's C{connectionLost}
+        tells it the connection was lost, as with Twisted's TLS.
+        """
+        if self._peerClosedWrite or self._lostTLSConnection:
+            return
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        The TCP transport below closed its writing side.  We never ask it to,
+        so there is nothing to do.
+        """
+
+    # -- half-close, writing side ------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """
+        Encrypt and send C{data}, unless C{loseWriteConnection()} was called:
+        then it is dropped, as TCP does.
+        """
+        if self._writeClosed:
+            return
+        super().write(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:  # type: ignore[override]
+        """
+        Send a sequence of byte strings; see L{write}.
+        """
+        self.write(b"".join(iovec))
+
+    def loseWriteConnection(self) -> None:
+        """
+        Close the writing direction: send close_notify after any data still
+        buffered, and go on reading until the peer's close_notify.  Once both
+        alerts have gone, the TCP connection is closed.
+        """
+        if self._writeClosed or self.disconnecting or not self.connected:
+            return
+        self._writeClosed = True
+        self._closeNotifyPending = True
+        self._sendPendingCloseNotify()
+
+    def _sendPendingCloseNotify(self) -> None:
+        """
+        Send the close_notify asked for by C{loseWriteConnection()} if the
+        handshake is done and no cleartext is waiting to be encrypted.
+        """
+        if (
+            not self._closeNotifyPending
+            or not self._handshakeDone
+            or self._appSendBuffer
+            or self._lostTLSConnection
+        ):
+            return
+        self._closeNotifyPending = False
+        if self.disconnecting:
+            # loseConnection() came in the meantime and does the rest.
+            return
+        try:
+            bothClosed = self._tlsConnection.shutdown()
+        except Error:
+            bothClosed = False
+        self._flushSendBIO()
+        if bothClosed:
+            # The peer closed first: both directions are finished now.
+            self.disconnecting = True
+            self.transport.loseConnection()
+
+    def _closeNotifySent(self) -> bool:
+        """
+        Has our close_notify been sent, by C{loseWriteConnection()} or
+        C{loseConnection()}?
+        """
+        return bool(self._tlsConnection.get_shutdown() & SENT_SHUTDOWN)
+
+    def _checkHandshakeStatus(self) -> None:
+        """
+        Drive the handshake, and once it is done send a close_notify that was
+        asked for during it.
+        """
+        super()._checkHandshakeStatus()
+        self._sendPendingCloseNotify()
+
+    def _unbufferPendingWrites(self) -> None:
+        """
+        Encrypt cleartext written during the handshake, then send a
+        close_notify that was waiting for it.
+        """
+        super()._unbufferPendingWrites()
+        self._sendPendingCloseNotify()
+
+    # -- full close and producer -------------------------------------------
+
+    def loseConnection(self) -> None:
+        """
+        Close both directions with close_notify, as L{TLSMemoryBIOProtocol}
+        does; since that waits for the peer's close_notify, first make sure
+        the TCP transport is reading (a relay may have paused it).
+        """
+        if self.disconnecting or not self.connected:
+            return
+        if self._handshakeDone and not self._lostTLSConnection:
+            self.transport.resumeProducing()
+        super().loseConnection()
+
+    def pauseProducing(self) -> None:
+        """
+        Stop reading from the peer (L{IPushProducer}).
+        """
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        Resume reading from the peer (L{IPushProducer}).
+        """
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """
+        The consumer we were producing for is gone (L{IPushProducer}): close
+        cleanly, with close_notify, rather than dropping the TCP connection
+        underneath as the TCP transport's own C{stopProducing} would.
+        """
+        self.loseConnection()
+
+    # -- handshake failure --------------------------------------------------
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        """
+        The TCP connection is gone.  If the handshake never completed, report
+        that through L{handshakeFailed} (once) before the wrapped protocol
+        hears about it.
+        """
+        if not self._lostTLSConnection:
+            # What TLSMemoryBIOProtocol.connectionLost does first; done here so
+            # that a TLS error it turns up is the reason we report.
+            self._tlsConnection.bio_shutdown()
+            self._flushReceiveBIO()
+            self._lostTLSConnection = True
+        if not self._handshakeDone and not self._handshakeFailureReported:
+            self._handshakeFailureReported = True
+            self.handshakeFailed(self._reason or reason)
+        super().connectionLost(reason)
+
+    def handshakeFailed(self, reason: Failure) -> None:
+        """
+        The connection ended before the TLS handshake completed: the peer's
+        certificate was rejected, the peer rejected ours, no common protocol
+        version or cipher, bytes that are not TLS, or the peer just went away.
+
+        Called once, before the wrapped protocol's C{connectionLost}, while
+        C{getHandle()} still works.  Calls the factory's C{handshakeFailed}
+        callback, if any; override in a subclass for other behaviour.
+
+        @param reason: Why: usually an L{OpenSSL.SSL.Error}, or a
+            L{twisted.internet.error.ConnectionLost} /
+            L{twisted.internet.error.ConnectionDone}.
+        """
+        handler = self.factory.handshakeFailureHandler
+        if handler is None:
+            return
+        try:
+            handler(self, reason)
+        except Exception:
+            self.log.failure("Handshake failure handler {handler!r} raised", handler=handler)
+
+
+class HalfCloseTLSFactory(TLSMemoryBIOFactory):
+    """
+    Wraps a factory's protocols in L{HalfCloseTLSProtocol}.
+
+    @ivar handshakeFailureHandler: Called with the protocol and the reason
+        when a connection ends before its handshake completed, or L{None}.
+    """
+
+    protocol = HalfCloseTLSProtocol
+
+    def __init__(
+        self,
+        contextFactory: object,
+        isClient: bool,
+        wrappedFactory: IProtocolFactory,
+        clock: Optional[IReactorTime] = None,
+        handshakeFailed: Optional[HandshakeFailureHandler] = None,
+    ) -> None:
+        """
+        @param contextFactory: An L{IOpenSSLServerConnectionCreator} (or
+            client connection creator when C{isClient}); see
+            L{TLSMemoryBIOFactory}.
+        @param isClient: C{True} for connections we initiate.
+        @param wrappedFactory: Builds the application protocols.
+        @param clock: Passed to L{TLSMemoryBIOFactory}; our protocol does not
+            use it (it does not aggregate small writes the way Twisted's
+            default L{BufferingTLSTransport} does: a relay writes what it
+            read, in large chunks, and flow control stays exact).
+        @param handshakeFailed: See L{HalfCloseTLSProtocol.handshakeFailed}.
+        """
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)  # type: ignore[arg-type]
+        self.handshakeFailureHandler = handshakeFailed
