@@ -160,7 +160,12 @@ def _checkListener(
     """
     servers = [
         _checkServerCertificate(
-            listener, certificate.cert, certificate.key, f"{where}.certificates[{index}]", now, warnings
+            listener,
+            certificate.cert,
+            certificate.key,
+            f"{where}.certificates[{index}]",
+            now,
+            warnings,
         )
         for index, certificate in enumerate(listener.certificates)
     ]
@@ -172,11 +177,11 @@ def _checkListener(
         cas.extend(loaded)
     crls: list[x509.CertificateRevocationList] = []
     for index, path in enumerate(listener.crls):
-        loaded = loadCRLs(path, f"{where}.crls[{index}]")
-        for number, crl in enumerate(loaded, 1):
-            label = f"CRL {number} in {path}" if len(loaded) > 1 else f"the CRL in {path}"
+        lists = loadCRLs(path, f"{where}.crls[{index}]")
+        for number, crl in enumerate(lists, 1):
+            label = f"CRL {number} in {path}" if len(lists) > 1 else f"the CRL in {path}"
             _checkCRL(listener, crl, label, cas, f"{where}.crls[{index}]", now, warnings)
-        crls.extend(loaded)
+        crls.extend(lists)
     _checkCoverage(listener, cas, crls, warnings)
     first, *others = servers
     return ListenerMaterial(first.chain, first.key, tuple(cas), tuple(crls), tuple(others))

@@ -334,24 +334,22 @@ def _filePath(instance: object, attribute: attrs.Attribute[Any], value: object) 
 
 
 def _tuplesOf(
-    cls: type[Any], table: str, minimum: int = 0
+    cls: type[Any], table: str, required: bool = False
 ) -> Callable[[object, attrs.Attribute[Any], object], None]:
     """
-    A validator for a tuple of C{cls} instances (nested tables), with at
-    least C{minimum} of them.
+    A validator for a tuple of C{cls} instances (nested tables).
 
     @param table: The TOML name of the tables, C{"pools.members"}, for the
         message.
+    @param required: At least one is needed.
     """
 
     def validate(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, tuple) or not all(isinstance(v, cls) for v in value):
             raise _refuse(attribute, f"an array of [[{table}]] tables", value)
-        if len(value) < minimum:
+        if required and not value:
             raise ConfigurationError(
-                f"at least {'one' if minimum == 1 else minimum} [[{table}]] table{'' if minimum == 1 else 's'}"
-                " required",
-                key=attribute.name,
+                f"at least one [[{table}]] table required", key=attribute.name
             )
 
     return validate
@@ -389,9 +387,9 @@ def endpointProblem(description: str) -> str | None:
     try:
         # Plugins can raise anything at all from their parsers.
         if prefix in _SKIP_CONSTRUCTION:
-            _parseServer(description, None)
+            _parseServer(description, None)  # type: ignore[no-untyped-call]
             return None
-        endpoint = serverFromString(MemoryReactor(), description)
+        endpoint = serverFromString(MemoryReactor(), description)  # type: ignore[no-untyped-call]
     except Exception as e:
         reason = str(e) or type(e).__name__
         return (
@@ -565,7 +563,9 @@ class PoolConfig:
         default="round_robin", validator=_nonEmptyString, metadata=_key()
     )
     members: tuple[MemberConfig, ...] = attrs.field(
-        default=(), validator=_tuplesOf(MemberConfig, "pools.members", 1), metadata=_key(_tables(MemberConfig))
+        default=(),
+        validator=_tuplesOf(MemberConfig, "pools.members", required=True),
+        metadata=_key(_tables(MemberConfig)),
     )
     connect_timeout: float = attrs.field(
         default=5.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key()
@@ -604,10 +604,12 @@ class ProxyConfig:
 
     path: str = attrs.field(validator=attrs.validators.instance_of(str))
     listeners: tuple[ListenerConfig, ...] = attrs.field(
-        validator=_tuplesOf(ListenerConfig, "listeners", 1), metadata=_key(_tables(ListenerConfig))
+        validator=_tuplesOf(ListenerConfig, "listeners", required=True),
+        metadata=_key(_tables(ListenerConfig)),
     )
     pools: tuple[PoolConfig, ...] = attrs.field(
-        validator=_tuplesOf(PoolConfig, "pools", 1), metadata=_key(_tables(PoolConfig))
+        validator=_tuplesOf(PoolConfig, "pools", required=True),
+        metadata=_key(_tables(PoolConfig)),
     )
 
     def __attrs_post_init__(self) -> None:

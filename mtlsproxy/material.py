@@ -199,9 +199,13 @@ def loadCRLs(path: str, key: str) -> tuple[x509.CertificateRevocationList, ...]:
     if b"-----BEGIN" not in data:
         try:
             return (x509.load_der_x509_crl(data),)
-        except ValueError as e:
+        except ValueError:
+            # Without PEM markers it can only be DER; cryptography's ASN.1
+            # parse error says nothing a user can act on.
             raise ConfigurationError(
-                f"cannot parse the DER CRL in {path}: {_reason(e)}", key=key
+                f"{path} holds neither PEM CRLs (-----BEGIN X509 CRL-----) nor a"
+                " valid DER CRL",
+                key=key,
             ) from None
     blocks = _PEM_CRL.findall(data)
     if not blocks:

@@ -19,7 +19,7 @@ L{mtlsproxy.pool.Pool.candidates}), never an empty list.
 
 from __future__ import annotations
 
-import random
+from random import Random
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
@@ -121,12 +121,12 @@ class RandomTwoChoices:
     @ivar random: The source of randomness.
     """
 
-    def __init__(self, random: Optional[random.Random] = None) -> None:
+    def __init__(self, random: Optional[Random] = None) -> None:
         """
         @param random: The source of randomness; a fresh, OS-seeded
             L{random.Random} if not given.  Tests pass a seeded one.
         """
-        self.random = random if random is not None else _newRandom()
+        self.random = random if random is not None else Random()
 
     def _draw(self, candidates: Sequence[IMemberState], total: int, skip: int) -> int:
         """
@@ -162,10 +162,6 @@ class RandomTwoChoices:
         if second.activeConnections * first.weight < first.activeConnections * second.weight:
             return second
         return first
-
-
-def _newRandom() -> random.Random:
-    return random.Random()
 
 
 @implementer(IBackendSelector)

@@ -40,7 +40,7 @@ time and C{tests.test_tlsproto} pins the behaviour that depends on them.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from OpenSSL.SSL import SENT_SHUTDOWN, Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import (
@@ -91,6 +91,7 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
     """
 
     factory: HalfCloseTLSFactory
+    transport: Any
 
     log = Logger()
 

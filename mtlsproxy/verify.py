@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import weakref
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, Iterable, Mapping
+from typing import Any, Final, Iterable, Mapping
 
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -48,9 +47,6 @@ from mtlsproxy.revocation import (
     CRLIndex,
     CRLMissing,
 )
-
-if TYPE_CHECKING:
-    from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 __all__ = [
     "NO_CERTIFICATE",
@@ -245,16 +241,41 @@ _LEAF_NONE: Final[Mapping[str, None]] = {
     "issuer": None,
 }
 
-# Connections whose rejection has already been logged, so that
-# logHandshakeFailure does not log it a second time.
-_rejectionLogged: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
+# Connections (and their TLS protocols) whose rejection has already been
+# logged, so that logHandshakeFailure does not log it a second time.
+_rejectionLogged: weakref.WeakSet[object] = weakref.WeakSet()
 
 
-def describeAddress(address: IAddress | None) -> str | None:
+def _markLogged(connection: SSL.Connection | None, tlsProtocol: object) -> bool:
     """
-    Render a peer address for the log: C{"host:port"} for IPv4,
-    C{"[host]:port"} for IPv6, the path for UNIX sockets, C{str()} of
-    anything else, L{None} for L{None}.
+    Record that the rejection of a connection has been logged.
+
+    @param connection: The OpenSSL connection, if still known.
+    @param tlsProtocol: Its TLS protocol (the connection's app data), which
+        outlives the connection's reference to it.
+
+    @return: C{False} if it had already been recorded.
+    """
+    known = [item for item in (connection, tlsProtocol) if item is not None]
+    try:
+        if any(item in _rejectionLogged for item in known):
+            return False
+    except TypeError:
+        # Something not weakly referenceable; the other item decides.
+        pass
+    for item in known:
+        try:
+            _rejectionLogged.add(item)
+        except TypeError:
+            pass
+    return True
+
+
+def describeAddress(address: object) -> str | None:
+    """
+    Render a peer address (an L{IAddress} provider) for the log:
+    C{"host:port"} for IPv4, C{"[host]:port"} for IPv6, the path for UNIX
+    sockets, C{str()} of anything else, L{None} for L{None}.
     """
     if address is None:
         return None
@@ -481,9 +502,9 @@ class ClientCertificateVerifier:
         try:
             return self._problem(connection, certificate, errorNumber, errorDepth)
         except Exception:
-            _rejectionLogged.add(connection)
-            log.failure(
-                REJECTED_FORMAT,
+            _markLogged(connection, connection.get_app_data())
+            fields: dict[str, Any] = dict(
+                _LEAF_NONE,
                 reason=INTERNAL_ERROR,
                 peer=_peerOf(connection.get_app_data()),
                 listener=self.listenerName,
@@ -493,8 +514,8 @@ class ClientCertificateVerifier:
                 certificateSubject=None,
                 certificateSerial=None,
                 certificateIssuer=None,
-                **_LEAF_NONE,
             )
+            log.failure(REJECTED_FORMAT, **fields)
             return False
 
     def _problem(
@@ -548,7 +569,7 @@ class ClientCertificateVerifier:
                 revocationDate=_revocationDate(entry),
                 revocationReason=_revocationReason(entry),
             )
-        _rejectionLogged.add(connection)
+        _markLogged(connection, connection.get_app_data())
         log.warn(REJECTED_FORMAT, **fields)
         return False
 
@@ -605,15 +626,12 @@ def _logHandshakeFailure(
     """
     if not isinstance(reason.value, SSL.Error):
         return False
-    connection = _connectionOf(tlsProtocol)
-    if connection is not None:
-        if connection in _rejectionLogged:
-            return False
-        _rejectionLogged.add(connection)
+    if not _markLogged(_connectionOf(tlsProtocol), tlsProtocol):
+        return False
     texts = _openSSLReasons(reason.value)
     why = NO_CERTIFICATE if _NO_CERTIFICATE_TEXT in texts else HANDSHAKE_FAILED
-    log.warn(
-        REJECTED_FORMAT,
+    fields: dict[str, Any] = dict(
+        _LEAF_NONE,
         reason=why,
         peer=_peerOf(tlsProtocol),
         listener=listenerName,
@@ -623,12 +641,12 @@ def _logHandshakeFailure(
         certificateSubject=None,
         certificateSerial=None,
         certificateIssuer=None,
-        **_LEAF_NONE,
     )
+    log.warn(REJECTED_FORMAT, **fields)
     return True
 
 
-def logHandshakeFailure(tlsProtocol: TLSMemoryBIOProtocol, reason: Failure) -> bool:
+def logHandshakeFailure(tlsProtocol: object, reason: Failure) -> bool:
     """
     Log a TLS handshake that failed, unless the verify callback already
     logged it.
@@ -649,7 +667,9 @@ def logHandshakeFailure(tlsProtocol: TLSMemoryBIOProtocol, reason: Failure) -> b
     client sent no certificate, L{HANDSHAKE_FAILED} (OpenSSL's text in
     C{error}) for anything else the verify callback did not already log.
 
-    @param tlsProtocol: The TLS transport of the failed connection.
+    @param tlsProtocol: The TLS transport of the failed connection (a
+        L{twisted.protocols.tls.TLSMemoryBIOProtocol}, or anything with its
+        C{getHandle} and C{getPeer}).
     @param reason: Why the connection was lost.
 
     @return: Whether an event was logged.
