@@ -42,6 +42,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.logger import Logger
+from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
@@ -67,7 +68,6 @@ __all__ = [
     "parseHealthCheck",
     "makeChecker",
     "HealthCheckerPlugin",
-    "healthCheckerFactories",
     "checkOnce",
     "HealthMonitor",
 ]
@@ -427,8 +427,8 @@ def parseHealthCheck(
 
     @param table: The TOML value of the table.
     @param key: Its key path, such as C{"pools[0].health_check"}.
-    @param factories: The available checker plugins by name, see
-        L{healthCheckerFactories}.
+    @param factories: The available checker plugins by name (from
+        L{mtlsproxy.plugins}).
 
     @raise ConfigurationError: For anything invalid; the key path is
         complete, the file is not set.
@@ -508,11 +508,11 @@ def makeChecker(
 
 
 # ---------------------------------------------------------------------------
-# Plugin declarations and discovery
+# Plugin declarations (discovery is L{mtlsproxy.plugins})
 # ---------------------------------------------------------------------------
 
 
-@implementer(IHealthCheckerFactory)
+@implementer(IPlugin, IHealthCheckerFactory)
 @attrs.frozen
 class HealthCheckerPlugin:
     """
@@ -546,37 +546,6 @@ class HealthCheckerPlugin:
         """
         make = namedAny(self.checker)
         return make(reactor, options, tls)  # type: ignore[no-any-return]
-
-
-def healthCheckerFactories() -> dict[str, IHealthCheckerFactory]:
-    """
-    All health checker plugins by name: the built-ins declared in
-    C{twisted/plugins/mtlsproxy_plugin.py} and those that
-    L{twisted.plugin.getPlugins} finds in other distributions.
-
-    A third-party plugin cannot replace a built-in name; it is logged and
-    ignored.
-    """
-    from twisted.plugin import getPlugins
-
-    import twisted.plugins
-    from twisted.plugins import mtlsproxy_plugin
-
-    found: dict[str, IHealthCheckerFactory] = {}
-    for value in vars(mtlsproxy_plugin).values():
-        if IHealthCheckerFactory.providedBy(value):
-            found[value.name] = value
-    for plugin in getPlugins(IHealthCheckerFactory, twisted.plugins):
-        present = found.setdefault(plugin.name, plugin)
-        if present is not plugin and present != plugin:
-            _log.warn(
-                "Ignoring health checker plugin {plugin!r}: the name {name} is"
-                " taken by {present!r}",
-                plugin=plugin,
-                name=plugin.name,
-                present=present,
-            )
-    return found
 
 
 # ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from twisted.internet.error import ConnectionDone, NotConnectingError
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IHandshakeListener
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -327,7 +327,7 @@ class BackendProtocol(Protocol):
         Our EOF to the backend has been sent; nothing to do.
         """
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Uncount the connection (exactly once) and tell the relay.
         """
@@ -459,16 +459,15 @@ class ProxyServerProtocol(Protocol):
             self._stopClientFeedingBackend()
             self._backend.transport.loseWriteConnection()
             self._closeIfBothEOF()
-        elif self.phase is Phase.HANDSHAKING:
-            self.transport.loseConnection()
-        # CONNECTING: forwarded in _backendConnected.
+        # CONNECTING: forwarded in _backendConnected.  (TLS reports no EOF
+        # before the handshake completed.)
 
     def writeConnectionLost(self) -> None:
         """
         Our EOF to the client has been sent; nothing to do.
         """
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         The client connection is gone: stop connecting, close the backend
         after flushing it, and log once both are gone.

@@ -187,12 +187,6 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
             return
         super().write(data)
 
-    def writeSequence(self, iovec: list[bytes]) -> None:  # type: ignore[override]
-        """
-        Send a sequence of byte strings; see L{write}.
-        """
-        self.write(b"".join(iovec))
-
     def loseWriteConnection(self) -> None:
         """
         Close the writing direction: send close_notify after any data still

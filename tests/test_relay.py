@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import attrs
 from cryptography.hazmat.primitives import hashes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -285,6 +287,44 @@ class ConnectTests(SynchronousTestCase):
         self.assertEqual(event["close_reason"], CloseReason.ERROR)
 
 
+class OrderingPropertyTests(SynchronousTestCase):
+    """
+    Bytes arrive whole and in order however they are split.
+    """
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        early=st.lists(st.binary(min_size=1, max_size=64), max_size=8),
+        up=st.lists(st.binary(min_size=1, max_size=64), max_size=8),
+        down=st.lists(st.binary(min_size=1, max_size=64), max_size=8),
+        failures=st.integers(min_value=0, max_value=2),
+    )
+    def test_chunksArriveInOrder(
+        self, early: list[bytes], up: list[bytes], down: list[bytes], failures: int
+    ) -> None:
+        """
+        When the client sends chunks before and after the backend connects
+        (after some failed attempts), and the backend answers in chunks, each
+        side receives exactly the concatenation of the other's chunks and the
+        counters match.
+        """
+        h = RelayHarness().connectClient()
+        for chunk in early:
+            h.relay.dataReceived(chunk)
+        for _ in range(failures):
+            h.failBackend(ConnectionRefusedError())
+        backend = h.connectBackend()
+        assert h.backendTransport is not None
+        for chunk in up:
+            h.relay.dataReceived(chunk)
+        for chunk in down:
+            backend.dataReceived(chunk)
+        self.assertEqual(h.backendTransport.value(), b"".join(early + up))
+        self.assertEqual(h.clientTransport.value(), b"".join(down))
+        self.assertEqual(h.relay._bytesIn, len(b"".join(early + up)))
+        self.assertEqual(h.relay._bytesOut, len(b"".join(down)))
+
+
 class RelayingTests(SynchronousTestCase):
     """
     The data path, flow control and closing, over TCP.
@@ -324,7 +364,7 @@ class RelayingTests(SynchronousTestCase):
 
     def test_activeConnections(self) -> None:
         """
-        While a backend connection is open its member counts it; at the end
+        When a backend connection is open its member counts it; when it ends
         it is uncounted exactly once.
         """
         member = self.h.members[0]
