@@ -61,6 +61,7 @@ __all__ = [
     "CheckResult",
     "OptionError",
     "FrozenOptions",
+    "describeValue",
     "HealthCheckConfig",
     "PassiveEjectionConfig",
     "ALL_UNHEALTHY_CHOICES",
@@ -165,11 +166,12 @@ class FrozenOptions(Mapping[str, Any]):
         return f"FrozenOptions({self._items!r})"
 
 
-def _describe(value: object) -> str:
+def describeValue(value: object) -> str:
     """
     Describe a TOML value for an error message the way
     L{mtlsproxy.config} does: strings quoted, other scalars with their TOML
-    type, tables and arrays by kind only.
+    type, tables and arrays by kind only (C{'"5s"'}, C{"integer 5"},
+    C{"an array"}).  Checker plugins use it for their L{OptionError}s.
     """
     if isinstance(value, str):
         text = json.dumps(value, ensure_ascii=False)
@@ -204,7 +206,7 @@ def _refuse(attribute: "attrs.Attribute[Any]", expected: str, value: object) -> 
     """
     The error for an attribute whose value is not what was C{expected}.
     """
-    return ConfigurationError(f"expected {expected}, got {_describe(value)}", key=attribute.name)
+    return ConfigurationError(f"expected {expected}, got {describeValue(value)}", key=attribute.name)
 
 
 def _toFloat(value: object) -> object:
@@ -334,7 +336,7 @@ class HealthCheckConfig:
         """
         if self.timeout > self.interval:
             raise ConfigurationError(
-                f"expected at most interval ({self.interval!r}), got {_describe(self.timeout)}",
+                f"expected at most interval ({self.interval!r}), got {describeValue(self.timeout)}",
                 key="timeout",
             )
 
@@ -387,7 +389,7 @@ class PassiveEjectionConfig:
         if self.eject_backoff_max < self.eject_backoff:
             raise ConfigurationError(
                 f"expected at least eject_backoff ({self.eject_backoff!r}),"
-                f" got {_describe(self.eject_backoff_max)}",
+                f" got {describeValue(self.eject_backoff_max)}",
                 key="eject_backoff_max",
             )
 
@@ -434,13 +436,13 @@ def parseHealthCheck(
         complete, the file is not set.
     """
     if not isinstance(table, Mapping):
-        raise ConfigurationError(f"expected a table, got {_describe(table)}", key=key)
+        raise ConfigurationError(f"expected a table, got {describeValue(table)}", key=key)
     if "type" not in table:
         raise ConfigurationError("missing required key 'type'", key=key)
     typeName = table["type"]
     if not isinstance(typeName, str) or not typeName:
         raise ConfigurationError(
-            f'expected a health checker name such as "tcp", got {_describe(typeName)}',
+            f'expected a health checker name such as "tcp", got {describeValue(typeName)}',
             key=joinKey(key, "type"),
         )
     factory = factories.get(typeName)

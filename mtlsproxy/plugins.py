@@ -22,6 +22,7 @@ from typing import Iterable, Sequence, TypeVar
 
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
+from zope.interface import Interface
 
 import twisted.plugins
 
@@ -35,11 +36,12 @@ __all__ = [
     "availableSelectors",
     "availableHealthCheckers",
     "selectorFactoriesByName",
+    "healthCheckerFactoriesByName",
 ]
 
 _log = Logger()
 
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound=Interface)
 
 SELECTOR = "selector"
 HEALTH_CHECKER = "health checker"
@@ -178,5 +180,18 @@ def selectorFactoriesByName() -> dict[str, IBackendSelectorFactory]:
     return {
         name: plugins[0]
         for name, plugins in _byName(IBackendSelectorFactory, SELECTOR).items()
+        if len(plugins) == 1
+    }
+
+
+def healthCheckerFactoriesByName() -> dict[str, IHealthCheckerFactory]:
+    """
+    Every installed health-checker plugin by name (the C{factories} mapping
+    L{mtlsproxy.health} takes).  A name declared by several plugins is left
+    out (and L{healthCheckerFactory} reports it).
+    """
+    return {
+        name: plugins[0]
+        for name, plugins in _byName(IHealthCheckerFactory, HEALTH_CHECKER).items()
         if len(plugins) == 1
     }

@@ -304,8 +304,10 @@ class BackendProtocol(Protocol):
 
     def connectionMade(self) -> None:
         """
-        Count the connection on its member and hand it to the relay.
+        Report the successful attempt, count the connection on its member
+        and hand it to the relay.
         """
+        self.member.connectSucceeded()
         self.member.connectionOpened()
         self._counted = True
         self._relay._backendConnected(self)
@@ -563,13 +565,22 @@ class ProxyServerProtocol(Protocol):
 
     def _noBackend(self) -> None:
         """
-        No member could be connected: close the client.
+        No member could be connected: close the client.  The operational
+        event says why: C{max_attempts}, the pool's
+        L{noCandidateReason<mtlsproxy.pool.Pool.noCandidateReason>}
+        (C{no_healthy_member}, C{members_exhausted}), or C{selector_refused}.
         """
+        if self._attempts >= self.factory.maxAttempts:
+            why: Optional[str] = "max_attempts"
+        else:
+            why = self.factory.pool.noCandidateReason(self._failedMembers)
         self.log.warn(
-            "Listener {listener}: no backend for {peer} after {attempts} attempt(s)",
+            "Listener {listener}: no backend for {peer} after {attempts}"
+            " attempt(s): {why}",
             listener=self.factory.listenerName,
             peer=self._peer,
             attempts=self._attempts,
+            why=why or "selector_refused",
         )
         self._noteClose(CloseReason.NO_BACKEND)
         self._enter(Phase.CLOSING)

@@ -180,6 +180,36 @@ class DiscoveryTests(SynchronousTestCase):
         for name, factory in factories.items():
             self.assertIs(factory, selectorFactory(name))
 
+    def test_healthCheckerFromAnotherDirectory(self) -> None:
+        """
+        When a plugin module declares a health checker, it is found by name
+        and listed with the others.
+        """
+        writePluginModule(
+            self,
+            "mtlsproxy_test_checker",
+            """
+            from twisted.plugin import IPlugin
+            from zope.interface import implementer
+            from mtlsproxy.interfaces import IHealthCheckerFactory
+
+            @implementer(IPlugin, IHealthCheckerFactory)
+            class Always:
+                name = "test_always"
+                description = "For a test."
+                options = {}
+
+                def newChecker(self, reactor, options, tls):
+                    raise NotImplementedError()
+
+            always = Always()
+            """,
+        )
+        factory = healthCheckerFactory("test_always")
+        self.assertEqual(factory.description, "For a test.")
+        self.assertIn("test_always", availableHealthCheckers())
+        self.assertIs(plugins.healthCheckerFactoriesByName()["test_always"], factory)
+
     def test_pluginFromAnotherDirectory(self) -> None:
         """
         When a plugin module in another C{twisted/plugins} directory
@@ -230,7 +260,9 @@ class DiscoveryTests(SynchronousTestCase):
         When a plugin declares a selector factory without a usable name, it
         is left out and a warning names it.
         """
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
         writePluginModule(
             self,
             "mtlsproxy_test_nameless",
@@ -353,9 +385,9 @@ class ExamplePluginTests(SynchronousTestCase):
         found = {p.name: p for p in getPlugins(IBackendSelectorFactory, twisted.plugins)}
         factory = selectorFactory("first_available")
         self.assertIs(found["first_available"], factory)
-        self.assertTrue(sys.modules[type(factory).__module__].__file__.startswith(root))
+        self.assertTrue(str(sys.modules[type(factory).__module__].__file__).startswith(root))
         self.assertTrue(
-            sys.modules["twisted.plugins.mtlsproxy_example_plugin"].__file__.startswith(root)
+            str(sys.modules["twisted.plugins.mtlsproxy_example_plugin"].__file__).startswith(root)
         )
         selector = verifySelectorPlugin(factory)
         pool = mtlsproxy.testing.fakePool(1, 1)

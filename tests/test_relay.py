@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from mtlsproxy.pool import ConnectionFacts, Member, Pool
+from mtlsproxy.pool import MEMBERS_EXHAUSTED, NO_HEALTHY_MEMBER, ConnectionFacts, Member, Pool
 from mtlsproxy.relay import (
     ACCESS_LOG_FORMAT,
     BackendProtocol,
@@ -230,7 +230,7 @@ class ConnectTests(SynchronousTestCase):
         self.assertEqual((event["bytes_in"], event["bytes_out"]), (0, 0))
         warnings = [e for e in observer if "no backend" in e.get("log_format", "")]
         self.assertEqual(len(warnings), 1)
-        self.assertEqual(warnings[0]["attempts"], 2)
+        self.assertEqual((warnings[0]["attempts"], warnings[0]["why"]), (2, "max_attempts"))
 
     def test_noBackendWhenPoolHasNone(self) -> None:
         """
@@ -247,6 +247,22 @@ class ConnectTests(SynchronousTestCase):
         h.relay.connectionLost(Failure(ConnectionDone()))
         [event] = accessEvents(observer)
         self.assertEqual(event["close_reason"], CloseReason.NO_BACKEND)
+        [warning] = [e for e in observer if "no backend" in e.get("log_format", "")]
+        self.assertEqual(warning["why"], NO_HEALTHY_MEMBER)
+
+    def test_allMembersTried(self) -> None:
+        """
+        When every member failed before maxAttempts is reached, the client is
+        closed with no_backend, the reason being that members are exhausted.
+        """
+        observer = _observe(self)
+        h = RelayHarness(maxAttempts=5, members=2).connectClient()
+        h.failBackend(ConnectionRefusedError())
+        h.failBackend(ConnectionRefusedError())
+        self.assertEqual(len(h.reactor.tcpClients), 2)
+        self.assertTrue(h.clientTransport.disconnecting)
+        [warning] = [e for e in observer if "no backend" in e.get("log_format", "")]
+        self.assertEqual(warning["why"], MEMBERS_EXHAUSTED)
 
     def test_clientGoneWhileConnecting(self) -> None:
         """

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import attrs
 from twisted.plugin import IPlugin
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mtlsproxy.hashing import (
@@ -50,6 +51,16 @@ class _MemberConfig:
     address: str
     port: int
     weight: int = 1
+
+
+def _picked(pool: Pool, facts: ConnectionFacts, exclude: Any = ()) -> Member:
+    """
+    The member C{pool} picks; fails if it picks none.
+    """
+    member = pool.pick(facts, exclude)
+    if member is None:
+        raise AssertionError(f"{pool.name}: no member picked")
+    return member
 
 
 def _pool(*weights: int) -> Pool:
@@ -103,7 +114,7 @@ class RoundRobinTests(SynchronousTestCase):
         When two members have equal weights, picks alternate between them.
         """
         pool = _pool(1, 1)
-        picks = [pool.pick(FACTS).port for _ in range(6)]
+        picks = [_picked(pool, FACTS).port for _ in range(6)]
         self.assertEqual(picks, [9000, 9001] * 3)
 
     def test_smoothInterleaving(self) -> None:
@@ -112,7 +123,7 @@ class RoundRobinTests(SynchronousTestCase):
         with the others rather than given in one run.
         """
         pool = _pool(5, 1, 1)
-        picks = [pool.pick(FACTS).port - 9000 for _ in range(7)]
+        picks = [_picked(pool, FACTS).port - 9000 for _ in range(7)]
         self.assertEqual(picks, [0, 0, 1, 0, 2, 0, 0])
 
     def test_weightsRespected(self) -> None:
@@ -120,7 +131,7 @@ class RoundRobinTests(SynchronousTestCase):
         When weights are 1:3, 10,000 picks split 25%/75% within 2 points.
         """
         pool = _pool(1, 3)
-        counts = Counter(pool.pick(FACTS).port for _ in range(10000))
+        counts = Counter(_picked(pool, FACTS).port for _ in range(10000))
         assertWithin(self, counts[9000] / 10000, 0.25, 0.02)
         assertWithin(self, counts[9001] / 10000, 0.75, 0.02)
 
@@ -129,7 +140,7 @@ class RoundRobinTests(SynchronousTestCase):
         When a member has weight 0, it is never picked.
         """
         pool = _pool(0, 1)
-        self.assertEqual({pool.pick(FACTS).port for _ in range(10)}, {9001})
+        self.assertEqual({_picked(pool, FACTS).port for _ in range(10)}, {9001})
 
     def test_excludedSkipped(self) -> None:
         """
@@ -138,7 +149,7 @@ class RoundRobinTests(SynchronousTestCase):
         """
         pool = _pool(1, 1)
         first = pool.members[0]
-        self.assertEqual({pool.pick(FACTS, [first]).port for _ in range(4)}, {9001})
+        self.assertEqual({_picked(pool, FACTS, [first]).port for _ in range(4)}, {9001})
         self.assertIsNone(pool.pick(FACTS, pool.members))
 
     def test_unavailableSkipped(self) -> None:
@@ -148,7 +159,7 @@ class RoundRobinTests(SynchronousTestCase):
         pool = _pool(1, 1, 1)
         pool.members[0].healthy = False
         pool.members[1].draining = True
-        self.assertEqual({pool.pick(FACTS).port for _ in range(4)}, {9002})
+        self.assertEqual({_picked(pool, FACTS).port for _ in range(4)}, {9002})
 
     def test_registry(self) -> None:
         """
@@ -181,10 +192,12 @@ class PoolTests(SynchronousTestCase):
         the pool logs it and returns no member instead of propagating.
         """
 
+        @implementer(IBackendSelector)
         class Raising:
             def pick(self, candidates, facts):
                 raise ValueError("boom")
 
+        @implementer(IBackendSelector)
         class Foreign:
             def pick(self, candidates, facts):
                 return Member(_MemberConfig("other", 2))
@@ -353,9 +366,9 @@ class LeastConnectionsTests(SynchronousTestCase):
         pool = _pool(1, 1, 1)
         pool.selector = LeastConnections()
         pool.members[2].activeConnections = 1
-        first = pool.pick(FACTS)
+        first = _picked(pool, FACTS)
         self.assertIn(first, pool.members[:2])
-        second = pool.pick(FACTS, [first])
+        second = _picked(pool, FACTS, [first])
         self.assertIn(second, pool.members[:2])
         self.assertIsNot(first, second)
 
@@ -512,9 +525,8 @@ class ConsistentHashMixin:
         pool = _pool(1, 1, 1, 1)
         pool.selector = self.selectorClass()
         facts = self.factsFor(7)
-        usual = pool.pick(facts)
-        retry = pool.pick(facts, [usual])
-        self.assertIsNotNone(retry)
+        usual = _picked(pool, facts)
+        retry = _picked(pool, facts, [usual])
         self.assertIsNot(retry, usual)
         usual.healthy = False
         self.assertIs(pool.pick(facts), retry)
