@@ -32,8 +32,6 @@ import enum
 from typing import Any, Optional
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from twisted.internet.error import ConnectionDone, NotConnectingError
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
@@ -42,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .pool import ConnectionFacts, Member, Pool
+from .verify import peerIdentity
 
 __all__ = [
     "ACCESS_LOG_FORMAT",
@@ -132,35 +131,6 @@ _TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 
 @attrs.frozen
-class _PeerIdentity:
-    """
-    The facts of a client certificate that the access log and selectors see.
-
-    @ivar subject: RFC 4514 subject.
-    @ivar issuer: RFC 4514 issuer.
-    @ivar serial: Serial number, lowercase hex.
-    @ivar fingerprint: SHA-256 of the DER encoding, lowercase hex.
-    """
-
-    subject: str
-    issuer: str
-    serial: str
-    fingerprint: str
-
-
-def _identityOf(certificate: x509.Certificate) -> _PeerIdentity:
-    """
-    Extract the logged facts from a client certificate.
-    """
-    return _PeerIdentity(
-        subject=certificate.subject.rfc4514_string(),
-        issuer=certificate.issuer.rfc4514_string(),
-        serial=format(certificate.serial_number, "x"),
-        fingerprint=certificate.fingerprint(hashes.SHA256()).hex(),
-    )
-
-
-@attrs.frozen
 class _TLSFacts:
     """
     What the TLS layer tells about a client connection.
@@ -181,12 +151,9 @@ def _tlsFactsOf(transport: Any) -> _TLSFacts:
     if handle is None:
         return _TLSFacts()
     servername = handle.get_servername()
-    certificate = handle.get_peer_certificate(as_cryptography=True)
-    # VERIFY-HOOK (lead): replace _identityOf with mtlsproxy.verify.peerIdentity
-    # once it exists, so selectors and the access log see the identity that
-    # verification established.  The access event reads .subject, .issuer,
-    # .serial and .fingerprint from whatever is stored here.
-    identity = _identityOf(certificate) if certificate is not None else None
+    # The identity that verification established, for selectors and the
+    # access log (.subject, .issuer, .serial, .fingerprint).
+    identity = peerIdentity(handle)
     return _TLSFacts(
         version=handle.get_protocol_version_name(),
         cipher=handle.get_cipher_name(),

@@ -122,10 +122,15 @@ class ProxyService(MultiService):
             return factory
         from .tlscontext import serverContextFactory
         from .tlsproto import HalfCloseTLSFactory
+        from .verify import logHandshakeFailure
 
         material = self.loaded.listeners[listenerConfig.name]
         return HalfCloseTLSFactory(
-            serverContextFactory(listenerConfig, material), False, factory
+            serverContextFactory(listenerConfig, material, clock=self._reactor),
+            False,
+            factory,
+            clock=self._reactor,
+            handshakeFailed=logHandshakeFailure,
         )
 
     def startService(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -62,7 +63,10 @@ class DemoPKI:
         )
         self.untrusted = pki.issueClientCertificate(self.other, "client-untrusted")
         self.write("root.crt", pki.certificatePEM(self.root.certificate))
-        self.write("ca-bundle.pem", pki.chainPEM([self.root.certificate, self.inter.certificate]))
+        self.write(
+            "ca-bundle.pem",
+            pki.chainPEM([self.root.certificate, self.inter.certificate, self.badinter.certificate]),
+        )
         self.write(
             "crls.pem",
             pki.crlPEM(pki.buildCRL(self.root, [self.badinter.certificate]))
@@ -145,6 +149,12 @@ class EchoBackend:
 
     def stop(self) -> None:
         self._stopped = True
+        # close() alone does not wake a thread blocked in accept() on Linux,
+        # and the socket would keep listening.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
 
 
@@ -263,18 +273,30 @@ def clientContext(pkiObj: Optional[DemoPKI], name: Optional[str], version: Optio
 
 
 def tlsExchange(port: int, ctx: SSL.Context, payload: bytes, timeout: float = 30.0,
-                halfClose: bool = True) -> bytes:
+                halfClose: bool = True, expectLength: Optional[int] = None) -> bytes:
     """
     Connect with TLS, send C{payload} (from a thread, reading meanwhile),
     send close_notify (one direction only), and read until the peer closes.
     Raises L{SSL.Error} if the handshake or the exchange fails.
+
+    @param halfClose: Send close_notify once C{payload} is written.
+    @param expectLength: Stop reading once this many bytes have arrived.
     """
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     conn = SSL.Connection(ctx, sock)
     conn.set_tlsext_host_name(b"localhost")
     conn.set_connect_state()
+    sock.setblocking(False)
     try:
-        conn.do_handshake()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("TLS handshake did not finish")
+                select.select([sock], [], [], 0.05)
         # In TLS 1.3 the server's verdict on our certificate arrives after our
         # Finished: a rejected client learns it on its first read.
         lock = threading.Lock()
@@ -304,7 +326,6 @@ def tlsExchange(port: int, ctx: SSL.Context, payload: bytes, timeout: float = 30
             except BaseException as e:
                 errors.append(e)
 
-        sock.setblocking(False)
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         chunks = []
@@ -325,6 +346,8 @@ def tlsExchange(port: int, ctx: SSL.Context, payload: bytes, timeout: float = 30
             if not data:
                 break
             chunks.append(data)
+            if expectLength is not None and sum(map(len, chunks)) >= expectLength:
+                break
         else:
             raise TimeoutError("no end of stream from the proxy")
         sender.join(timeout)

@@ -1,0 +1,595 @@
+# -*- test-case-name: tests.test_checkers -*-
+"""
+Tests for L{mtlsproxy.checkers}: the built-in health checkers against real
+servers on 127.0.0.1, with the real reactor.
+
+Every test waits until the servers' side of each connection is closed too,
+so a checker that leaves a connection open fails the test (trial's dirty
+reactor check would otherwise catch it only sometimes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator, Optional
+
+import attrs
+from twisted.internet import reactor as _globalReactor
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface.verify import verifyObject
+
+from mtlsproxy import pki
+from mtlsproxy.checkers import (
+    BODY_LIMIT,
+    HTTPChecker,
+    StatusCodes,
+    TCPChecker,
+    TLSChecker,
+    describeFailure,
+)
+from mtlsproxy.health import CheckResult, HealthCheckConfig, HealthMonitor, OptionError, checkOnce
+from mtlsproxy.interfaces import IHealthChecker
+from mtlsproxy.pool import Member, Pool
+from mtlsproxy.selectors import SmoothWeightedRoundRobin
+
+reactor: Any = _globalReactor
+
+
+@attrs.frozen
+class _MemberConfig:
+    address: str
+    port: int
+    weight: int = 1
+
+
+def _member(port: int, address: str = "127.0.0.1") -> Member:
+    return Member(_MemberConfig(address, port))
+
+
+class _Tracker(WrappingFactory):
+    """
+    Wraps a server factory and can wait until all its connections are
+    closed.
+    """
+
+    def __init__(self, wrappedFactory: Any) -> None:
+        WrappingFactory.__init__(self, wrappedFactory)
+        self._waiting: list[Deferred[None]] = []
+        self.accepted = 0
+
+    def registerProtocol(self, p: Any) -> None:
+        self.accepted += 1
+        WrappingFactory.registerProtocol(self, p)
+
+    def unregisterProtocol(self, p: Any) -> None:
+        WrappingFactory.unregisterProtocol(self, p)
+        if not self.protocols:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def allClosed(self) -> Deferred[None]:
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+class _Silent(Protocol):
+    """
+    Accepts and never says anything.
+    """
+
+
+class _HealthResource(Resource):
+    """
+    Answers every GET with a fixed status and body, and records the Host
+    headers it saw.
+    """
+
+    isLeaf = True
+
+    def __init__(self, status: int = 200, body: bytes = b"ok") -> None:
+        Resource.__init__(self)
+        self.status = status
+        self.body = body
+        self.hosts: list[Optional[bytes]] = []
+        self.paths: list[bytes] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        self.hosts.append(request.getHeader(b"host"))
+        self.paths.append(request.uri)
+        request.setResponseCode(self.status)
+        return self.body
+
+
+class _BackendTLS:
+    """
+    A stand-in for a pool's backend TLS settings: trusts one root CA and
+    checks the member's address against the certificate.
+    """
+
+    def __init__(self, root: pki.Issued) -> None:
+        self.trustRoot = ssl.Certificate.loadPEM(pki.certificatePEM(root.certificate))
+
+    def clientConnectionCreator(self, member: Any) -> Any:
+        return ssl.optionsForClientTLS(member.address, trustRoot=self.trustRoot)
+
+
+def _serverOptions(issued: pki.Issued) -> Any:
+    pem = pki.certificatePEM(issued.certificate) + pki.keyPEM(issued.key)
+    return ssl.PrivateCertificate.loadPEM(pem).options()
+
+
+class _PKI:
+    """
+    One root CA with a server certificate for 127.0.0.1, another root with
+    one too, and a certificate of the first root for another address.
+    """
+
+    _made: Optional["_PKI"] = None
+
+    def __init__(self) -> None:
+        self.root = pki.createRootCA("health test root")
+        self.server = pki.issueServerCertificate(self.root, "backend", ipAddresses=["127.0.0.1"])
+        self.otherName = pki.issueServerCertificate(self.root, "other", ipAddresses=["127.0.0.2"])
+        self.otherRoot = pki.createRootCA("someone else's root")
+        self.stranger = pki.issueServerCertificate(self.otherRoot, "stranger", ipAddresses=["127.0.0.1"])
+
+    @classmethod
+    def get(cls) -> "_PKI":
+        if cls._made is None:
+            cls._made = cls()
+        return cls._made
+
+
+class _ServerTestCase(TestCase):
+    """
+    Starts servers on 127.0.0.1 and, at the end, waits for every connection
+    they accepted to be closed and stops them.
+    """
+
+    timeout = 30
+
+    def listen(self, factory: Any, tlsIssued: Optional[pki.Issued] = None) -> tuple[_Tracker, int]:
+        tracker = _Tracker(factory)
+        port: IListeningPort
+        if tlsIssued is None:
+            port = reactor.listenTCP(0, tracker, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, tracker, _serverOptions(tlsIssued), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(tracker.allClosed)
+        return tracker, port.getHost().port
+
+    @inlineCallbacks
+    def closedPort(self) -> Generator[Any, Any, int]:
+        """
+        A port nothing listens on (any more).
+        """
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        number = port.getHost().port
+        yield port.stopListening()
+        return number
+
+    def httpServer(self, status: int = 200, body: bytes = b"ok",
+                   tlsIssued: Optional[pki.Issued] = None) -> tuple[_HealthResource, _Tracker, int]:
+        resource = _HealthResource(status, body)
+        site = Site(resource)
+        site.displayTracebacks = False
+        tracker, port = self.listen(site, tlsIssued)
+        return resource, tracker, port
+
+
+class InterfaceTests(SynchronousTestCase):
+    """
+    Tests for the checkers' interfaces and option parsing.
+    """
+
+    def test_verifyObject(self) -> None:
+        """
+        When checked with verifyObject, every built-in checker provides
+        IHealthChecker.
+        """
+        for checker in [
+            TCPChecker.fromOptions(reactor, {}, None),
+            TLSChecker.fromOptions(reactor, {}, None),
+            HTTPChecker.fromOptions(reactor, {}, None),
+        ]:
+            self.assertTrue(verifyObject(IHealthChecker, checker))
+
+    def test_noOptions(self) -> None:
+        """
+        When tcp or tls is given an option directly, it is refused with the
+        key.
+        """
+        for cls in (TCPChecker, TLSChecker):
+            with self.assertRaises(OptionError) as caught:
+                cls.fromOptions(reactor, {"path": "/"}, None)
+            self.assertEqual(caught.exception.key, "path")
+
+    def test_statusCodes(self) -> None:
+        """
+        When expected_status lists codes and ranges, exactly those pass and
+        it prints back normalised.
+        """
+        codes = StatusCodes.parse(" 200-299 , 304,418")
+        self.assertEqual([c for c in (199, 200, 299, 300, 304, 418, 500) if c in codes],
+                         [200, 299, 304, 418])
+        self.assertEqual(str(codes), "200-299,304,418")
+        self.assertEqual(str(StatusCodes.parse(204)), "204")
+        for bad in ("", "20", "200-", "600", "200-600", "99", True, 1.5):
+            self.assertRaises(OptionError, StatusCodes.parse, bad)
+
+    def test_httpDefaults(self) -> None:
+        """
+        When http has no options, it asks for "/" and accepts 200-399
+        without looking at the body.
+        """
+        checker = HTTPChecker.fromOptions(reactor, {}, None)
+        self.assertEqual((checker.path, str(checker.statuses), checker.bodyContains, checker.host),
+                         (b"/", "200-399", None, None))
+
+    def test_describeFailure(self) -> None:
+        """
+        When a failure has no special description, its message is the
+        reason, or its class name when it has none.
+        """
+        self.assertEqual(describeFailure(Failure(RuntimeError("odd"))), "odd")
+        self.assertEqual(describeFailure(Failure(RuntimeError())), "RuntimeError")
+
+
+class TCPCheckerTests(_ServerTestCase):
+    """
+    Tests for the C{tcp} checker.
+    """
+
+    @inlineCallbacks
+    def test_up(self) -> Generator[Any, Any, None]:
+        """
+        When the member accepts the connection, it is healthy and the
+        connection is closed.
+        """
+        tracker, port = self.listen(Factory.forProtocol(_Silent))
+        result = yield TCPChecker(reactor).check(_member(port))
+        self.assertEqual(result, CheckResult(True, "connected"))
+        yield tracker.allClosed()
+        self.assertEqual(tracker.accepted, 1)
+
+    @inlineCallbacks
+    def test_down(self) -> Generator[Any, Any, None]:
+        """
+        When nothing listens, the member is unhealthy: connection refused.
+        """
+        port = yield self.closedPort()
+        result = yield TCPChecker(reactor).check(_member(port))
+        self.assertEqual(result, CheckResult(False, "connection refused"))
+
+    @inlineCallbacks
+    def test_hostName(self) -> Generator[Any, Any, None]:
+        """
+        When the member's address is a host name, it is resolved without
+        blocking and connected to.
+        """
+        tracker, port = self.listen(Factory.forProtocol(_Silent))
+        result = yield TCPChecker(reactor).check(_member(port, "localhost"))
+        self.assertEqual(result.healthy, True, result)
+
+
+class TLSCheckerTests(_ServerTestCase):
+    """
+    Tests for the C{tls} checker.
+    """
+
+    @inlineCallbacks
+    def test_verifiedHandshake(self) -> Generator[Any, Any, None]:
+        """
+        When the member's certificate is signed by the CA the pool trusts and
+        names its address, the member is healthy, and the connection closed.
+        """
+        material = _PKI.get()
+        tracker, port = self.listen(Factory.forProtocol(_Silent), material.server)
+        checker = TLSChecker(reactor, _BackendTLS(material.root))
+        result = yield checker.check(_member(port))
+        self.assertTrue(result.healthy, result)
+        self.assertRegex(result.reason, r"^TLS handshake completed \(TLSv1\.[23]\)$")
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_wrongCA(self) -> Generator[Any, Any, None]:
+        """
+        When the member's certificate is signed by another CA, the member is
+        unhealthy with a verification reason.
+        """
+        material = _PKI.get()
+        self.listen(Factory.forProtocol(_Silent), material.stranger)
+        checker = TLSChecker(reactor, _BackendTLS(material.root))
+        result = yield checker.check(_member(self.portOf()))
+        self.assertEqual(result, CheckResult(False, "TLS handshake failed: certificate verify failed"))
+
+    @inlineCallbacks
+    def test_wrongName(self) -> Generator[Any, Any, None]:
+        """
+        When the member's certificate is trusted but names another address,
+        the member is unhealthy and the reason names the address.
+        """
+        material = _PKI.get()
+        self.listen(Factory.forProtocol(_Silent), material.otherName)
+        checker = TLSChecker(reactor, _BackendTLS(material.root))
+        result = yield checker.check(_member(self.portOf()))
+        self.assertEqual(
+            result, CheckResult(False, "TLS handshake failed: certificate does not match 127.0.0.1")
+        )
+
+    @inlineCallbacks
+    def test_unverified(self) -> Generator[Any, Any, None]:
+        """
+        When the pool has no backend TLS settings, any certificate does and
+        the reason says it was not verified.
+        """
+        material = _PKI.get()
+        tracker, port = self.listen(Factory.forProtocol(_Silent), material.stranger)
+        result = yield TLSChecker(reactor).check(_member(port))
+        self.assertTrue(result.healthy, result)
+        self.assertRegex(result.reason, r"^TLS handshake completed \(TLSv1\.[23], certificate not verified\)$")
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_notTLS(self) -> Generator[Any, Any, None]:
+        """
+        When the member answers in plain text, not TLS, it is unhealthy with
+        a TLS reason.
+        """
+
+        class Banner(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"220 mail.example ESMTP ready\r\n")
+
+        tracker, port = self.listen(Factory.forProtocol(Banner))
+        result = yield TLSChecker(reactor).check(_member(port))
+        self.assertFalse(result.healthy)
+        self.assertTrue(result.reason.startswith("TLS handshake failed: "), result)
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_closedDuringHandshake(self) -> Generator[Any, Any, None]:
+        """
+        When the member closes the connection before the handshake, it is
+        unhealthy and the reason says so.
+        """
+
+        class Closing(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.loseConnection()
+
+        tracker, port = self.listen(Factory.forProtocol(Closing))
+        result = yield TLSChecker(reactor).check(_member(port))
+        self.assertEqual(result, CheckResult(False, "connection closed during the TLS handshake"))
+
+    @inlineCallbacks
+    def test_refused(self) -> Generator[Any, Any, None]:
+        """
+        When nothing listens, the member is unhealthy: connection refused.
+        """
+        port = yield self.closedPort()
+        result = yield TLSChecker(reactor).check(_member(port))
+        self.assertEqual(result, CheckResult(False, "connection refused"))
+
+    @inlineCallbacks
+    def test_timeoutClosesConnection(self) -> Generator[Any, Any, None]:
+        """
+        When the member accepts but never answers the handshake, the check
+        times out and the connection is closed.
+        """
+        tracker, port = self.listen(Factory.forProtocol(_Silent))
+        result = yield checkOnce(reactor, TLSChecker(reactor), _member(port), 0.3)
+        self.assertEqual(result, CheckResult(False, "timeout after 0.3s"))
+        yield tracker.allClosed()
+        self.assertEqual(tracker.accepted, 1)
+
+    def portOf(self) -> int:
+        """
+        The port of the last server started (for tests that do not need the
+        tracker).
+        """
+        return self._lastPort
+
+    def listen(self, factory: Any, tlsIssued: Optional[pki.Issued] = None) -> tuple[_Tracker, int]:
+        tracker, port = _ServerTestCase.listen(self, factory, tlsIssued)
+        self._lastPort = port
+        return tracker, port
+
+
+class HTTPCheckerTests(_ServerTestCase):
+    """
+    Tests for the C{http} checker.
+    """
+
+    def checker(self, tls: Any = None, **options: Any) -> HTTPChecker:
+        return HTTPChecker.fromOptions(reactor, options, tls)
+
+    @inlineCallbacks
+    def test_statusInRange(self) -> Generator[Any, Any, None]:
+        """
+        When the member answers with a status in range, it is healthy; the
+        request went to the configured path with the member's address and
+        port as Host, and the connection is closed.
+        """
+        resource, tracker, port = self.httpServer(204, b"")
+        result = yield self.checker(path="/healthz?full=1").check(_member(port))
+        self.assertEqual(result, CheckResult(True, "HTTP 204"))
+        self.assertEqual(resource.paths, [b"/healthz?full=1"])
+        self.assertEqual(resource.hosts, [f"127.0.0.1:{port}".encode()])
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_statusOutOfRange(self) -> Generator[Any, Any, None]:
+        """
+        When the member answers with a status out of range, it is unhealthy
+        and the reason gives the status and the range.
+        """
+        resource, tracker, port = self.httpServer(503, b"busy")
+        result = yield self.checker().check(_member(port))
+        self.assertEqual(result, CheckResult(False, "HTTP status 503, expected 200-399"))
+        result = yield self.checker(expected_status="200,503").check(_member(port))
+        self.assertEqual(result, CheckResult(True, "HTTP 503"))
+
+    @inlineCallbacks
+    def test_bodyContains(self) -> Generator[Any, Any, None]:
+        """
+        When body_contains is set, the member is healthy only if the body
+        contains the text.
+        """
+        resource, tracker, port = self.httpServer(200, "status: ok ✓".encode())
+        result = yield self.checker(body_contains="ok ✓").check(_member(port))
+        self.assertEqual(result, CheckResult(True, "HTTP 200"))
+        result = yield self.checker(body_contains="ready").check(_member(port))
+        self.assertEqual(result, CheckResult(False, 'HTTP 200, but the body does not contain "ready"'))
+
+    @inlineCallbacks
+    def test_bodyLimit(self) -> Generator[Any, Any, None]:
+        """
+        When the body is longer than 64 KiB, only the first 64 KiB are read
+        and searched, and the connection is closed.
+        """
+        body = b"x" * (BODY_LIMIT - 10) + b"early" + b"y" * 100_000 + b"late"
+        resource, tracker, port = self.httpServer(200, body)
+        result = yield self.checker(body_contains="early").check(_member(port))
+        self.assertEqual(result, CheckResult(True, "HTTP 200"))
+        result = yield self.checker(body_contains="late").check(_member(port))
+        self.assertEqual(
+            result,
+            CheckResult(False, 'HTTP 200, but the first 65536 bytes of the body do not contain "late"'),
+        )
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_hostHeader(self) -> Generator[Any, Any, None]:
+        """
+        When host is set, it is the Host header, and the request still goes
+        to the member's address.
+        """
+        resource, tracker, port = self.httpServer()
+        result = yield self.checker(host="app.internal").check(_member(port))
+        self.assertTrue(result.healthy)
+        self.assertEqual(resource.hosts, [b"app.internal"])
+
+    @inlineCallbacks
+    def test_refused(self) -> Generator[Any, Any, None]:
+        """
+        When nothing listens, the member is unhealthy: connection refused.
+        """
+        port = yield self.closedPort()
+        result = yield self.checker().check(_member(port))
+        self.assertEqual(result, CheckResult(False, "connection refused"))
+
+    @inlineCallbacks
+    def test_closedWithoutResponse(self) -> Generator[Any, Any, None]:
+        """
+        When the member closes the connection without answering, it is
+        unhealthy and the reason says so.
+        """
+
+        class Closing(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.loseConnection()
+
+        tracker, port = self.listen(Factory.forProtocol(Closing))
+        result = yield self.checker().check(_member(port))
+        self.assertEqual(result, CheckResult(False, "connection closed before a response"))
+
+    @inlineCallbacks
+    def test_neverAnswers(self) -> Generator[Any, Any, None]:
+        """
+        When the member accepts and never answers, the check times out and
+        the connection is closed.
+        """
+        tracker, port = self.listen(Factory.forProtocol(_Silent))
+        result = yield checkOnce(reactor, self.checker(), _member(port), 0.3)
+        self.assertEqual(result, CheckResult(False, "timeout after 0.3s"))
+        yield tracker.allClosed()
+        self.assertEqual(tracker.accepted, 1)
+
+    @inlineCallbacks
+    def test_https(self) -> Generator[Any, Any, None]:
+        """
+        When the pool has backend TLS settings, the request goes over TLS
+        verified with them, and the Host header leaves out port 443 only.
+        """
+        material = _PKI.get()
+        resource, tracker, port = self.httpServer(200, b"ok", material.server)
+        result = yield self.checker(_BackendTLS(material.root), body_contains="ok").check(_member(port))
+        self.assertEqual(result, CheckResult(True, "HTTP 200"))
+        self.assertEqual(resource.hosts, [f"127.0.0.1:{port}".encode()])
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_httpsWrongCA(self) -> Generator[Any, Any, None]:
+        """
+        When the member's certificate is signed by another CA, the member is
+        unhealthy with a verification reason.
+        """
+        material = _PKI.get()
+        resource, tracker, port = self.httpServer(200, b"ok", material.stranger)
+        result = yield self.checker(_BackendTLS(material.root)).check(_member(port))
+        self.assertEqual(result, CheckResult(False, "TLS handshake failed: certificate verify failed"))
+        self.assertEqual(resource.hosts, [])
+
+
+class MonitorWithRealCheckerTests(_ServerTestCase):
+    """
+    A L{HealthMonitor} with the C{tcp} checker and the real reactor: what the
+    proxy does when a backend dies and comes back.
+    """
+
+    @inlineCallbacks
+    def waitFor(self, predicate: Callable[[], bool], limit: float) -> Generator[Any, Any, float]:
+        started = reactor.seconds()
+        while not predicate():
+            if reactor.seconds() - started > limit:
+                self.fail(f"not within {limit}s")
+            yield deferLater(reactor, 0.02, lambda: None)
+        return reactor.seconds() - started
+
+    @inlineCallbacks
+    def test_backendDiesAndReturns(self) -> Generator[Any, Any, None]:
+        """
+        When a backend stops listening, it is unhealthy within about
+        interval x unhealthy_threshold and the pool offers no member; when it
+        listens again, it is healthy within about interval x
+        healthy_threshold and offered again.
+        """
+        tracker = _Tracker(Factory.forProtocol(_Silent))
+        self.addCleanup(tracker.allClosed)
+        listening = reactor.listenTCP(0, tracker, interface="127.0.0.1")
+        portNumber = listening.getHost().port
+        member = _member(portNumber)
+        pool = Pool("app", [member], SmoothWeightedRoundRobin(), clock=reactor)
+        config = HealthCheckConfig(type="tcp", interval=0.1, timeout=0.1, healthy_threshold=2,
+                                   unhealthy_threshold=2, jitter=0.0)
+        monitor = HealthMonitor(reactor, pool, TCPChecker(reactor), config)
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        yield self.waitFor(lambda: member.lastCheck is not None, 1.0)
+        self.assertTrue(member.healthy)
+
+        yield listening.stopListening()
+        took = yield self.waitFor(lambda: not member.healthy, 2.0)
+        self.assertLess(took, 0.1 * 2 + 0.1 + 0.5)
+        self.assertEqual(pool.candidates(), [])
+        self.assertEqual(member.lastCheck[0], CheckResult(False, "connection refused"))
+
+        listening = reactor.listenTCP(portNumber, tracker, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        took = yield self.waitFor(lambda: member.healthy, 2.0)
+        self.assertLess(took, 0.1 * 2 + 0.1 + 0.5)
+        self.assertEqual(pool.candidates(), [member])
