@@ -36,12 +36,8 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import (
-    IHandshakeListener,
-    IOpenSSLClientConnectionCreator,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -53,11 +49,11 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from .health import CheckResult, OptionError, describeValue
-from .interfaces import IHealthChecker, IMemberState
+from .interfaces import IHealthChecker
 
 __all__ = [
     "BODY_LIMIT",
@@ -186,7 +182,7 @@ def _notCancelled(failure: Failure) -> CheckResult:
 # ---------------------------------------------------------------------------
 
 
-def _tcpEndpoint(reactor: Any, member: IMemberState, timeout: float) -> IStreamClientEndpoint:
+def _tcpEndpoint(reactor: Any, member: Any, timeout: float) -> Any:
     """
     An endpoint for a TCP connection to C{member}: straight to an IP
     address, through the reactor's (non-blocking) resolver for a name.
@@ -223,7 +219,7 @@ class _UnverifiedTLS:
         return connection
 
 
-def _unverifiedFor(member: IMemberState) -> _UnverifiedTLS:
+def _unverifiedFor(member: Any) -> _UnverifiedTLS:
     """
     An unverified TLS connection creator for C{member}.
     """
@@ -258,13 +254,15 @@ class _CloseAtOnce(Protocol):
         self.closed: Deferred[None] = Deferred(self._abort)
 
     def _abort(self, closed: Deferred[None]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def connectionMade(self) -> None:
-        self.transport.loseConnection()
+        transport: Any = self.transport
+        transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.closed.called:
             self.closed.callback(None)
 
@@ -291,7 +289,7 @@ class TCPChecker:
         _noOptions(options)
         return cls(reactor)
 
-    def check(self, member: IMemberState) -> "Deferred[CheckResult]":
+    def check(self, member: Any) -> "Deferred[CheckResult]":
         """
         Connect to C{member} and close again.
 
@@ -337,22 +335,23 @@ class _HandshakeProbe(Protocol):
         self._version: Optional[str] = None
 
     def _abort(self, done: Deferred[str]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
-        handle = self.transport.getHandle()
-        self._version = handle.get_protocol_version_name() or "TLS"
+        transport: Any = self.transport
+        self._version = transport.getHandle().get_protocol_version_name() or "TLS"
         # Send close_notify and close the TCP connection without waiting for
         # the peer's close_notify (RFC 8446 6.1 allows it), so that a peer
         # that never answers one cannot turn a good handshake into a
         # timeout.
-        self.transport.loseConnection()
-        lower = getattr(self.transport, "transport", None)
+        transport.loseConnection()
+        lower = getattr(transport, "transport", None)
         if lower is not None:
             lower.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if self._version is not None:
@@ -395,15 +394,17 @@ class TLSChecker:
         _noOptions(options)
         return cls(reactor, tls)
 
-    def check(self, member: IMemberState) -> "Deferred[CheckResult]":
+    def check(self, member: Any) -> "Deferred[CheckResult]":
         """
         Connect to C{member}, complete a TLS handshake and close again.
 
         @see: L{IHealthChecker.check}
         """
         verified = self._tls is not None
-        creator = self._tls.clientConnectionCreator(member) if verified else _unverifiedFor(member)
-        endpoint = wrapClientTLS(
+        creator: Any = (
+            self._tls.clientConnectionCreator(member) if verified else _unverifiedFor(member)
+        )
+        endpoint: Any = wrapClientTLS(
             creator, _tcpEndpoint(self._reactor, member, self._connectTimeout)
         )
         connecting = endpoint.connect(Factory.forProtocol(_HandshakeProbe))
@@ -494,8 +495,9 @@ class _BoundedBody(Protocol):
         self.done: Deferred[tuple[bytes, bool]] = Deferred(self._stop)
 
     def _stop(self, done: object) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -505,9 +507,10 @@ class _BoundedBody(Protocol):
         self._size += min(len(data), room)
         if len(data) > room:
             self.done.callback((b"".join(self._chunks), True))
-            self.transport.stopProducing()
+            transport: Any = self.transport
+            transport.stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -523,14 +526,14 @@ class _OneEndpoint:
     whatever the URI (and the C{Host} header) say.
     """
 
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+    def __init__(self, endpoint: Any) -> None:
         self._endpoint = endpoint
 
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: Any) -> Any:
         return self._endpoint
 
 
-def _authority(member: IMemberState) -> str:
+def _authority(member: Any) -> str:
     """
     C{host:port} with brackets around an IPv6 address.
     """
@@ -630,7 +633,7 @@ class HTTPChecker:
             tls=tls,
         )
 
-    def check(self, member: IMemberState) -> "Deferred[CheckResult]":
+    def check(self, member: Any) -> "Deferred[CheckResult]":
         """
         Send C{GET path} to C{member} and judge the response.
 
@@ -651,7 +654,7 @@ class HTTPChecker:
         requesting.addCallback(self._response)
         return requesting.addErrback(_notCancelled)
 
-    def _response(self, response: IResponse) -> "Deferred[CheckResult]":
+    def _response(self, response: Any) -> "Deferred[CheckResult]":
         """
         Read at most L{BODY_LIMIT} bytes of the body, then judge.
         """

@@ -103,10 +103,10 @@ def unitInterval(digest: bytes) -> float:
     the largest 1 - 2**-53: never 0 and never 1, so its logarithm is finite
     and non-zero.
 
-    @param digest: At least 7 bytes of a hash.
+    @param digest: An 8-byte hash.
     @return: C{u} with C{0 < u < 1}.
     """
-    value = int.from_bytes(digest[:8], "big") >> (8 * len(digest[:8]) - 52)
+    value = int.from_bytes(digest[:8], "big") >> 12
     return (2 * value + 1) / 2.0**53
 
 

@@ -51,8 +51,6 @@ from .errors import ConfigurationError, joinKey
 from .interfaces import IHealthChecker, IHealthCheckerFactory, IMemberState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from twisted.internet.interfaces import IDelayedCall, IReactorTime
-
     from .pool import Member, Pool
 
 _log = Logger()
@@ -413,7 +411,7 @@ class PassiveEjectionConfig:
 def parseHealthCheck(
     table: object,
     key: str,
-    factories: Mapping[str, IHealthCheckerFactory],
+    factories: Mapping[str, Any],
 ) -> HealthCheckConfig:
     """
     Validate a C{[pools.health_check]} table and build its configuration.
@@ -478,9 +476,9 @@ def makeChecker(
     config: HealthCheckConfig,
     reactor: Any,
     tls: Any,
-    factories: Mapping[str, IHealthCheckerFactory],
+    factories: Mapping[str, Any],
     key: Optional[str] = None,
-) -> IHealthChecker:
+) -> Any:
     """
     Make the checker for one pool from its configuration.
 
@@ -502,7 +500,7 @@ def makeChecker(
             key=joinKey(key, "type"),
         )
     try:
-        return factory.newChecker(reactor, config.options, tls)  # type: ignore[no-any-return]
+        return factory.newChecker(reactor, config.options, tls)
     except OptionError as e:
         raise ConfigurationError(e.problem, key=joinKey(key, e.key)) from None
     except ValueError as e:
@@ -540,14 +538,14 @@ class HealthCheckerPlugin:
     options: FrozenOptions = attrs.field(converter=_toOptions)
     checker: str
 
-    def newChecker(self, reactor: Any, options: Mapping[str, Any], tls: Any) -> IHealthChecker:
+    def newChecker(self, reactor: Any, options: Mapping[str, Any], tls: Any) -> Any:
         """
         Import the checker's constructor and call it.
 
         @see: L{IHealthCheckerFactory.newChecker}
         """
         make = namedAny(self.checker)
-        return make(reactor, options, tls)  # type: ignore[no-any-return]
+        return make(reactor, options, tls)
 
 
 # ---------------------------------------------------------------------------
@@ -568,9 +566,9 @@ def _failureReason(failure: Failure) -> str:
 
 
 def checkOnce(
-    clock: "IReactorTime",
-    checker: IHealthChecker,
-    member: IMemberState,
+    clock: Any,
+    checker: Any,
+    member: Any,
     timeout: float,
 ) -> "Deferred[CheckResult]":
     """
@@ -583,6 +581,11 @@ def checkOnce(
     is an unhealthy result whose reason is the exception's message; a result
     that is not a L{CheckResult} is an unhealthy result too, and logged as a
     checker bug.
+
+    @param clock: The L{IReactorTime} for the time limit.
+    @param checker: The L{IHealthChecker} provider.
+    @param member: The L{IMemberState} provider to check.
+    @param timeout: Seconds before the check is cancelled.
 
     @return: A Deferred that never fails, except with L{CancelledError} when
         the caller cancels it (cancelling cancels the check).
@@ -618,7 +621,7 @@ def checkOnce(
     return checking.addBoth(finish)
 
 
-def _hostPort(member: IMemberState) -> str:
+def _hostPort(member: Any) -> str:
     """
     C{host:port} for logs, with brackets around an IPv6 address.
     """
@@ -647,7 +650,7 @@ class _Watch:
 
     def __init__(self, member: "Member") -> None:
         self.member = member
-        self.timer: Optional["IDelayedCall"] = None
+        self.timer: Optional[Any] = None
         self.checking: Optional[Deferred[Any]] = None
         self.passes = 0
         self.failures = 0
@@ -692,15 +695,16 @@ class HealthMonitor(Service):
 
     def __init__(
         self,
-        reactor: "IReactorTime",
+        reactor: Any,
         pool: "Pool",
-        checker: IHealthChecker,
+        checker: Any,
         config: HealthCheckConfig,
         random: Optional[_random.Random] = None,
     ) -> None:
         """
-        @param reactor: The clock to schedule checks on (and whatever the
-            checker connects with is the checker's own).
+        @param reactor: The clock to schedule checks on (an
+            L{IReactorTime}; what the checker connects with is its own).
+        @param checker: An L{IHealthChecker} provider.
         @param random: The source of the first-check offsets and jitter;
             tests pass a seeded L{random.Random}.
         """

@@ -332,7 +332,7 @@ class Pool:
                 f" not {allUnhealthy!r}"
             )
         self.name = name
-        self.selector = selector
+        self.selector: Any = selector
         self.clock: Clock = clock if clock is not None else _WALL_CLOCK
         self.allUnhealthy = allUnhealthy
         self.ejection = ejection if ejection is not None else PassiveEjectionConfig()

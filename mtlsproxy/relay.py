@@ -200,6 +200,8 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
 
     noisy = False
 
+    noisy = False
+
     def __init__(
         self,
         reactor: Any,
@@ -229,6 +231,8 @@ class _BackendConnector(ClientFactory["BackendProtocol"]):
     """
     One connection attempt to one member, on behalf of one client connection.
     """
+
+    noisy = False
 
     noisy = False
 

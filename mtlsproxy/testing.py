@@ -108,7 +108,9 @@ class FakePool:
 
     Indexing and iterating give all members in order;
     L{candidates} gives those a selector may be offered, by the rule of
-    L{mtlsproxy.pool.Pool.candidates}.
+    L{mtlsproxy.pool.Pool.candidates} (a fake member is never drained or
+    ejected: set C{healthy} or C{weight} instead; failing open is not
+    modelled).
 
         >>> pool = fakePool(1, 1, 2)
         >>> pool[0].healthy = False

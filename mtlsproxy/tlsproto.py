@@ -332,6 +332,8 @@ class HalfCloseTLSFactory(TLSMemoryBIOFactory):
         when a connection ends before its handshake completed, or L{None}.
     """
 
+    noisy = False
+
     protocol = HalfCloseTLSProtocol
 
     def __init__(

@@ -13,17 +13,20 @@ from __future__ import annotations
 from typing import Any, Callable, Generator, Optional
 
 import attrs
+from OpenSSL import SSL
 from twisted.internet import reactor as _globalReactor
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mtlsproxy import pki
@@ -125,9 +128,20 @@ class _BackendTLS:
         return ssl.optionsForClientTLS(member.address, trustRoot=self.trustRoot)
 
 
-def _serverOptions(issued: pki.Issued) -> Any:
-    pem = pki.certificatePEM(issued.certificate) + pki.keyPEM(issued.key)
-    return ssl.PrivateCertificate.loadPEM(pem).options()
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerTLS:
+    """
+    A backend's TLS server side, with a certificate from L{mtlsproxy.pki}.
+    """
+
+    def __init__(self, issued: pki.Issued) -> None:
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.use_certificate(issued.certificate)
+        context.use_privatekey(issued.key)
+        self._context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
 
 
 class _PKI:
@@ -166,7 +180,8 @@ class _ServerTestCase(TestCase):
         if tlsIssued is None:
             port = reactor.listenTCP(0, tracker, interface="127.0.0.1")
         else:
-            port = reactor.listenSSL(0, tracker, _serverOptions(tlsIssued), interface="127.0.0.1")
+            tls = TLSMemoryBIOFactory(_ServerTLS(tlsIssued), False, tracker)
+            port = reactor.listenTCP(0, tls, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.addCleanup(tracker.allClosed)
         return tracker, port.getHost().port
