@@ -195,21 +195,27 @@ def _tcpEndpoint(reactor: Any, member: Any, timeout: float) -> Any:
     return HostnameEndpoint(reactor, address, member.port, timeout=timeout)
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _UnverifiedTLS:
+def _hostBytes(text: str) -> Optional[bytes]:
     """
-    TLS client connections that verify nothing: for the C{tls} and C{http}
-    checkers of a pool without backend TLS settings, where the point is
-    only that the member speaks TLS.  Sends the member's name as SNI when
-    it is a host name.
+    A host name as bytes for SNI or a URI: IDNA-encoded, or L{None} if it
+    cannot be.
+    """
+    try:
+        return text.encode("idna")
+    except UnicodeError:
+        return None
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ServerNameOnly:
+    """
+    A TLS client connection that verifies nothing and sends C{serverName}
+    as SNI (if any).
     """
 
-    def __init__(self, serverName: Optional[str]) -> None:
-        self._serverName = serverName.encode("idna") if serverName else None
-        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        context.set_verify(SSL.VERIFY_NONE)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    def __init__(self, context: SSL.Context, serverName: Optional[bytes]) -> None:
         self._context = context
+        self._serverName = serverName
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -219,13 +225,25 @@ class _UnverifiedTLS:
         return connection
 
 
-def _unverifiedFor(member: Any) -> _UnverifiedTLS:
+class _UnverifiedTLS:
     """
-    An unverified TLS connection creator for C{member}.
+    Backend TLS settings that verify nothing, for the C{tls} checker of a
+    pool without backend TLS settings (one that passes TLS through), where
+    the point is only that the member speaks TLS.  The member's name is sent
+    as SNI when it is a host name.  Has the C{clientConnectionCreator} method
+    of real backend TLS settings.
     """
-    address = member.address
-    name = None if isIPAddress(address) or isIPv6Address(address) else address
-    return _UnverifiedTLS(name)
+
+    def __init__(self) -> None:
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_verify(SSL.VERIFY_NONE)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._context = context
+
+    def clientConnectionCreator(self, member: Any) -> _ServerNameOnly:
+        address = member.address
+        isName = not (isIPAddress(address) or isIPv6Address(address))
+        return _ServerNameOnly(self._context, _hostBytes(address) if isName else None)
 
 
 def _noOptions(options: Mapping[str, Any]) -> None:
@@ -381,7 +399,8 @@ class TLSChecker:
         connectTimeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
-        self._tls = tls
+        self._verified = tls is not None
+        self._tls: Any = tls if tls is not None else _UnverifiedTLS()
         self._connectTimeout = connectTimeout
 
     @classmethod
@@ -400,23 +419,20 @@ class TLSChecker:
 
         @see: L{IHealthChecker.check}
         """
-        verified = self._tls is not None
-        creator: Any = (
-            self._tls.clientConnectionCreator(member) if verified else _unverifiedFor(member)
-        )
+        creator = self._tls.clientConnectionCreator(member)
         endpoint: Any = wrapClientTLS(
             creator, _tcpEndpoint(self._reactor, member, self._connectTimeout)
         )
         connecting = endpoint.connect(Factory.forProtocol(_HandshakeProbe))
         connecting.addCallback(lambda probe: probe.done)
-        suffix = "" if verified else ", certificate not verified"
+        suffix = "" if self._verified else ", certificate not verified"
         connecting.addCallback(
             lambda version: CheckResult(True, f"TLS handshake completed ({version}{suffix})")
         )
         return connecting.addErrback(_notCancelled)
 
     def __repr__(self) -> str:
-        return f"<TLSChecker verified={self._tls is not None}>"
+        return f"<TLSChecker verified={self._verified}>"
 
 
 # ---------------------------------------------------------------------------
@@ -646,7 +662,8 @@ class HTTPChecker:
         else:
             scheme = b"http"
         agent = Agent.usingEndpointFactory(self._reactor, _OneEndpoint(endpoint))
-        uri = scheme + b"://" + _authority(member).encode("idna") + self.path
+        authority = _authority(member)
+        uri = scheme + b"://" + (_hostBytes(authority) or b"member") + self.path
         headers = Headers({b"User-Agent": [USER_AGENT]})
         if self.host is not None:
             headers.addRawHeader(b"Host", self.host)
@@ -682,6 +699,7 @@ class HTTPChecker:
 
     def __repr__(self) -> str:
         return (
-            f"<HTTPChecker path={self.path.decode('ascii')!r} expected_status={str(self.statuses)!r}"
+            f"<HTTPChecker path={self.path.decode('ascii')!r}"
+            f" expected_status={str(self.statuses)!r}"
             f" tls={self._tls is not None}>"
         )

@@ -48,7 +48,7 @@ from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
 from .errors import ConfigurationError, joinKey
-from .interfaces import IHealthChecker, IHealthCheckerFactory, IMemberState
+from .interfaces import IHealthCheckerFactory
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Member, Pool
@@ -204,7 +204,9 @@ def _refuse(attribute: "attrs.Attribute[Any]", expected: str, value: object) -> 
     """
     The error for an attribute whose value is not what was C{expected}.
     """
-    return ConfigurationError(f"expected {expected}, got {describeValue(value)}", key=attribute.name)
+    return ConfigurationError(
+        f"expected {expected}, got {describeValue(value)}", key=attribute.name
+    )
 
 
 def _toFloat(value: object) -> object:
@@ -466,6 +468,7 @@ def parseHealthCheck(
     except ConfigurationError as e:
         raise e.within(key) from None
 
+    # Imported here: this module is imported by plugin scans and stays light.
     from twisted.internet.testing import MemoryReactorClock
 
     makeChecker(config, MemoryReactorClock(), None, {typeName: factory}, key)
@@ -528,8 +531,8 @@ class HealthCheckerPlugin:
     @ivar options: The checker-specific keys: key name to a one-line
         description.
     @ivar checker: The dotted name of a callable C{(reactor, options, tls)}
-        returning an L{IHealthChecker} provider and raising L{ValueError}
-        (or L{OptionError}) for invalid options, such as
+        returning an L{mtlsproxy.interfaces.IHealthChecker} provider and
+        raising L{ValueError} (or L{OptionError}) for invalid options, such as
         C{"mtlsproxy.checkers.HTTPChecker.fromOptions"}.
     """
 
@@ -583,8 +586,8 @@ def checkOnce(
     checker bug.
 
     @param clock: The L{IReactorTime} for the time limit.
-    @param checker: The L{IHealthChecker} provider.
-    @param member: The L{IMemberState} provider to check.
+    @param checker: The L{mtlsproxy.interfaces.IHealthChecker} provider.
+    @param member: The L{mtlsproxy.interfaces.IMemberState} provider to check.
     @param timeout: Seconds before the check is cancelled.
 
     @return: A Deferred that never fails, except with L{CancelledError} when
@@ -615,7 +618,9 @@ def checkOnce(
                 checker=checker,
                 result=result,
             )
-            return CheckResult(False, f"checker returned {type(result).__name__}, not a CheckResult")
+            return CheckResult(
+                False, f"checker returned {type(result).__name__}, not a CheckResult"
+            )
         return result
 
     return checking.addBoth(finish)
@@ -687,7 +692,7 @@ class HealthMonitor(Service):
     L{sync}.
 
     @ivar pool: The pool.
-    @ivar checker: The pool's L{IHealthChecker}.
+    @ivar checker: The pool's L{mtlsproxy.interfaces.IHealthChecker}.
     @ivar config: The pool's L{HealthCheckConfig}.
     """
 
@@ -704,7 +709,7 @@ class HealthMonitor(Service):
         """
         @param reactor: The clock to schedule checks on (an
             L{IReactorTime}; what the checker connects with is its own).
-        @param checker: An L{IHealthChecker} provider.
+        @param checker: An L{mtlsproxy.interfaces.IHealthChecker} provider.
         @param random: The source of the first-check offsets and jitter;
             tests pass a seeded L{random.Random}.
         """

@@ -421,7 +421,9 @@ class Pool:
         """
         self._watchers = [w for w in self._watchers if w is not watcher]
 
-    def candidates(self, exclude: Iterable[Member] = (), now: Optional[float] = None) -> list[Member]:
+    def candidates(
+        self, exclude: Iterable[Member] = (), now: Optional[float] = None
+    ) -> list[Member]:
         """
         The members a selector may choose from now: the available ones
         (healthy, not ejected, not draining, weight above zero) that are not
@@ -472,7 +474,9 @@ class Pool:
         """
         return self._failingOpen
 
-    def noCandidateReason(self, exclude: Iterable[Member] = (), now: Optional[float] = None) -> Optional[str]:
+    def noCandidateReason(
+        self, exclude: Iterable[Member] = (), now: Optional[float] = None
+    ) -> Optional[str]:
         """
         Why L{candidates} is empty: L{NO_HEALTHY_MEMBER} or
         L{MEMBERS_EXHAUSTED}; L{None} if it is not.  For the relay, to name

@@ -45,6 +45,8 @@ from mtlsproxy.selectors import SmoothWeightedRoundRobin
 
 reactor: Any = _globalReactor
 
+VERIFY_FAILED = "TLS handshake failed: certificate verify failed"
+
 
 @attrs.frozen
 class _MemberConfig:
@@ -157,7 +159,9 @@ class _PKI:
         self.server = pki.issueServerCertificate(self.root, "backend", ipAddresses=["127.0.0.1"])
         self.otherName = pki.issueServerCertificate(self.root, "other", ipAddresses=["127.0.0.2"])
         self.otherRoot = pki.createRootCA("someone else's root")
-        self.stranger = pki.issueServerCertificate(self.otherRoot, "stranger", ipAddresses=["127.0.0.1"])
+        self.stranger = pki.issueServerCertificate(
+            self.otherRoot, "stranger", ipAddresses=["127.0.0.1"]
+        )
 
     @classmethod
     def get(cls) -> "_PKI":
@@ -329,7 +333,7 @@ class TLSCheckerTests(_ServerTestCase):
         self.listen(Factory.forProtocol(_Silent), material.stranger)
         checker = TLSChecker(reactor, _BackendTLS(material.root))
         result = yield checker.check(_member(self.portOf()))
-        self.assertEqual(result, CheckResult(False, "TLS handshake failed: certificate verify failed"))
+        self.assertEqual(result, CheckResult(False, VERIFY_FAILED))
 
     @inlineCallbacks
     def test_wrongName(self) -> Generator[Any, Any, None]:
@@ -355,7 +359,9 @@ class TLSCheckerTests(_ServerTestCase):
         tracker, port = self.listen(Factory.forProtocol(_Silent), material.stranger)
         result = yield TLSChecker(reactor).check(_member(port))
         self.assertTrue(result.healthy, result)
-        self.assertRegex(result.reason, r"^TLS handshake completed \(TLSv1\.[23], certificate not verified\)$")
+        self.assertRegex(
+            result.reason, r"^TLS handshake completed \(TLSv1\.[23], certificate not verified\)$"
+        )
         yield tracker.allClosed()
 
     @inlineCallbacks
@@ -468,7 +474,9 @@ class HTTPCheckerTests(_ServerTestCase):
         result = yield self.checker(body_contains="ok ✓").check(_member(port))
         self.assertEqual(result, CheckResult(True, "HTTP 200"))
         result = yield self.checker(body_contains="ready").check(_member(port))
-        self.assertEqual(result, CheckResult(False, 'HTTP 200, but the body does not contain "ready"'))
+        self.assertEqual(
+            result, CheckResult(False, 'HTTP 200, but the body does not contain "ready"')
+        )
 
     @inlineCallbacks
     def test_bodyLimit(self) -> Generator[Any, Any, None]:
@@ -483,7 +491,9 @@ class HTTPCheckerTests(_ServerTestCase):
         result = yield self.checker(body_contains="late").check(_member(port))
         self.assertEqual(
             result,
-            CheckResult(False, 'HTTP 200, but the first 65536 bytes of the body do not contain "late"'),
+            CheckResult(
+                False, 'HTTP 200, but the first 65536 bytes of the body do not contain "late"'
+            ),
         )
         yield tracker.allClosed()
 
@@ -542,7 +552,8 @@ class HTTPCheckerTests(_ServerTestCase):
         """
         material = _PKI.get()
         resource, tracker, port = self.httpServer(200, b"ok", material.server)
-        result = yield self.checker(_BackendTLS(material.root), body_contains="ok").check(_member(port))
+        checker = self.checker(_BackendTLS(material.root), body_contains="ok")
+        result = yield checker.check(_member(port))
         self.assertEqual(result, CheckResult(True, "HTTP 200"))
         self.assertEqual(resource.hosts, [f"127.0.0.1:{port}".encode()])
         yield tracker.allClosed()
@@ -556,7 +567,7 @@ class HTTPCheckerTests(_ServerTestCase):
         material = _PKI.get()
         resource, tracker, port = self.httpServer(200, b"ok", material.stranger)
         result = yield self.checker(_BackendTLS(material.root)).check(_member(port))
-        self.assertEqual(result, CheckResult(False, "TLS handshake failed: certificate verify failed"))
+        self.assertEqual(result, CheckResult(False, VERIFY_FAILED))
         self.assertEqual(resource.hosts, [])
 
 

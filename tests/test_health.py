@@ -11,7 +11,7 @@ built-in checkers against real servers are in L{tests.test_checkers}.
 from __future__ import annotations
 
 from random import Random
-from typing import Any, Optional, Union
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -339,16 +339,22 @@ class ParseHealthCheckTests(SynchronousTestCase):
         When a common value has the wrong type or range, the error names the
         key, what was expected and what was found.
         """
+        seconds = "expected a number of seconds greater than 0"
+        threshold = "expected an integer of at least 1"
+        fraction = "expected a number from 0 up to (not including) 1"
         cases = [
-            ({"interval": "5s"}, 'interval: expected a number of seconds greater than 0, got "5s"'),
-            ({"interval": 0}, "interval: expected a number of seconds greater than 0, got float 0.0"),
-            ({"timeout": True}, "timeout: expected a number of seconds greater than 0, got boolean true"),
+            ({"interval": "5s"}, f'interval: {seconds}, got "5s"'),
+            ({"interval": 0}, f"interval: {seconds}, got float 0.0"),
+            ({"timeout": True}, f"timeout: {seconds}, got boolean true"),
             ({"timeout": 6}, "timeout: expected at most interval (5.0), got float 6.0"),
-            ({"healthy_threshold": 0}, "healthy_threshold: expected an integer of at least 1, got integer 0"),
-            ({"unhealthy_threshold": 2.0}, "unhealthy_threshold: expected an integer of at least 1, got float 2.0"),
-            ({"jitter": 1}, "jitter: expected a number from 0 up to (not including) 1, got float 1.0"),
-            ({"jitter": -0.1}, "jitter: expected a number from 0 up to (not including) 1, got float -0.1"),
-            ({"initial_state": "up"}, 'initial_state: expected one of "healthy", "unhealthy", got "up"'),
+            ({"healthy_threshold": 0}, f"healthy_threshold: {threshold}, got integer 0"),
+            ({"unhealthy_threshold": 2.0}, f"unhealthy_threshold: {threshold}, got float 2.0"),
+            ({"jitter": 1}, f"jitter: {fraction}, got float 1.0"),
+            ({"jitter": -0.1}, f"jitter: {fraction}, got float -0.1"),
+            (
+                {"initial_state": "up"},
+                'initial_state: expected one of "healthy", "unhealthy", got "up"',
+            ),
         ]
         for extra, message in cases:
             self.assertProblem(dict(type="tcp", **extra), f"pools[0].health_check.{message}")
@@ -358,14 +364,21 @@ class ParseHealthCheckTests(SynchronousTestCase):
         When an http option is invalid, the checker's own validation refuses
         it and the error points at the option.
         """
+        path = 'expected a path starting with "/" such as "/healthz"'
+        status = 'expected status codes from 100 to 599 such as "200-399" or "200,204"'
+        host = 'expected a host name such as "app.internal" or "app.internal:8080"'
         cases = [
-            ({"path": "healthz"}, 'path: expected a path starting with "/" such as "/healthz", got "healthz"'),
-            ({"path": "/a b"}, 'path: expected a path starting with "/" such as "/healthz", got "/a b"'),
-            ({"expected_status": "2xx"}, 'expected_status: expected status codes from 100 to 599 such as "200-399" or "200,204", got "2xx"'),
-            ({"expected_status": "399-200"}, 'expected_status: expected status codes from 100 to 599 such as "200-399" or "200,204", got "399-200"'),
-            ({"expected_status": [200]}, 'expected_status: expected status codes from 100 to 599 such as "200-399" or "200,204", got an array'),
-            ({"body_contains": 3}, "body_contains: expected a non-empty string of at most 65536 bytes, got integer 3"),
-            ({"host": "a b"}, 'host: expected a host name such as "app.internal" or "app.internal:8080", got "a b"'),
+            ({"path": "healthz"}, f'path: {path}, got "healthz"'),
+            ({"path": "/a b"}, f'path: {path}, got "/a b"'),
+            ({"expected_status": "2xx"}, f'expected_status: {status}, got "2xx"'),
+            ({"expected_status": "399-200"}, f'expected_status: {status}, got "399-200"'),
+            ({"expected_status": [200]}, f"expected_status: {status}, got an array"),
+            (
+                {"body_contains": 3},
+                "body_contains: expected a non-empty string of at most 65536 bytes,"
+                " got integer 3",
+            ),
+            ({"host": "a b"}, f'host: {host}, got "a b"'),
         ]
         for extra, message in cases:
             self.assertProblem(dict(type="http", **extra), f"pools[0].health_check.{message}")
@@ -374,7 +387,8 @@ class ParseHealthCheckTests(SynchronousTestCase):
         """
         When expected_status is a TOML integer, it is one status code.
         """
-        self.assertEqual(self.parse({"type": "http", "expected_status": 204}).options["expected_status"], 204)
+        config = self.parse({"type": "http", "expected_status": 204})
+        self.assertEqual(config.options["expected_status"], 204)
 
     def test_plainValueError(self) -> None:
         """
@@ -426,9 +440,13 @@ class PassiveEjectionConfigTests(SynchronousTestCase):
         to 300 s.
         """
         config = PassiveEjectionConfig()
-        self.assertEqual((config.eject_after, config.eject_backoff, config.eject_backoff_max), (5, 30.0, 300.0))
+        self.assertEqual(
+            (config.eject_after, config.eject_backoff, config.eject_backoff_max), (5, 30.0, 300.0)
+        )
         self.assertTrue(config.enabled)
-        self.assertEqual([config.duration(n) for n in range(6)], [30.0, 60.0, 120.0, 240.0, 300.0, 300.0])
+        self.assertEqual(
+            [config.duration(n) for n in range(6)], [30.0, 60.0, 120.0, 240.0, 300.0, 300.0]
+        )
         self.assertEqual(config.duration(10_000), 300.0)
 
     def test_invalid(self) -> None:
@@ -436,8 +454,14 @@ class PassiveEjectionConfigTests(SynchronousTestCase):
         When a value is out of range, the error names the pool-level key.
         """
         cases = [
-            (dict(eject_after=-1), "eject_after: expected an integer of at least 0, got integer -1"),
-            (dict(eject_backoff=0), "eject_backoff: expected a number of seconds greater than 0, got float 0.0"),
+            (
+                dict(eject_after=-1),
+                "eject_after: expected an integer of at least 0, got integer -1",
+            ),
+            (
+                dict(eject_backoff=0),
+                "eject_backoff: expected a number of seconds greater than 0, got float 0.0",
+            ),
             (dict(eject_backoff=60, eject_backoff_max=30),
              "eject_backoff_max: expected at least eject_backoff (60.0), got float 30.0"),
         ]
@@ -654,7 +678,9 @@ class HealthMonitorTests(SynchronousTestCase):
         reactor.advance(1.9)
         self.assertIsNone(member.lastCheck)
         reactor.advance(0.1)
-        self.assertEqual(member.lastCheck, (CheckResult(False, "timeout after 2.0s"), started + 2.0))
+        self.assertEqual(
+            member.lastCheck, (CheckResult(False, "timeout after 2.0s"), started + 2.0)
+        )
         self.assertTrue(member.healthy)
         _nextCheck(reactor, checker)
         self.assertEqual(reactor.seconds(), started + 5.0)
@@ -850,7 +876,9 @@ class PassiveEjectionTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.pool = Pool("app", [_member(9000), _member(9001)], SmoothWeightedRoundRobin(), clock=self.clock)
+        self.pool = Pool(
+            "app", [_member(9000), _member(9001)], SmoothWeightedRoundRobin(), clock=self.clock
+        )
         self.member = self.pool.members[0]
         self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
@@ -877,7 +905,8 @@ class PassiveEjectionTests(SynchronousTestCase):
         )
         self.assertEqual(
             {k: event[k] for k in ("pool", "member", "duration", "failures", "until")},
-            {"pool": "app", "member": "127.0.0.1:9000", "duration": 30.0, "failures": 5, "until": 30.0},
+            {"pool": "app", "member": "127.0.0.1:9000", "duration": 30.0, "failures": 5,
+             "until": 30.0},
         )
         self.assertEqual(self.member.failedConnections, 5)
 
@@ -1062,7 +1091,8 @@ class PoolMembershipTests(SynchronousTestCase):
             eject_backoff_max: float = 15.0
 
         clock = Clock()
-        pool = Pool.fromConfig(PoolConfig("p", (_MemberConfig("h", 1),)), SmoothWeightedRoundRobin(), clock)
+        members = (_MemberConfig("h", 1),)
+        pool = Pool.fromConfig(PoolConfig("p", members), SmoothWeightedRoundRobin(), clock)
         self.assertEqual(pool.allUnhealthy, "use_all")
         self.assertEqual(pool.members[0].ejection, PassiveEjectionConfig(2, 10.0, 15.0))
         self.assertIs(pool.members[0].clock, clock)
@@ -1072,7 +1102,7 @@ class PoolMembershipTests(SynchronousTestCase):
             name: str
             members: tuple[_MemberConfig, ...]
 
-        pool = Pool.fromConfig(OldPoolConfig("p", (_MemberConfig("h", 1),)), SmoothWeightedRoundRobin())
+        pool = Pool.fromConfig(OldPoolConfig("p", members), SmoothWeightedRoundRobin())
         self.assertEqual((pool.allUnhealthy, pool.ejection), ("reject", PassiveEjectionConfig()))
 
     def test_addRemove(self) -> None:
