@@ -428,17 +428,17 @@ def _checkPools(config: ProxyConfig, warnings: list[str]) -> None:
     Refuse a selector no installed plugin provides; warn about pools no
     listener uses and pools whose members all have weight 0.
     """
-    from .selectors import selectorFactories
+    from .plugins import selectorFactory
 
-    selectors = selectorFactories()
     used = {listener.pool for listener in config.listeners}
     for index, pool in enumerate(config.pools):
-        if pool.selector not in selectors:
+        try:
+            selectorFactory(pool.selector)
+        except LookupError as e:
             raise ConfigurationError(
-                f"unknown selector {pool.selector!r}; installed selectors:"
-                f" {', '.join(sorted(selectors))}",
+                str(e),
                 key=f"pools[{index}].selector",
-            )
+            ) from None
         if pool.name not in used:
             warnings.append(f"pool {pool.name!r} is not used by any listener")
         if all(member.weight == 0 for member in pool.members):

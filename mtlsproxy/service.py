@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from .pool import Pool
-from .selectors import selectorFactories
+from .plugins import selectorFactory
 
 
 class ListenerService(Service):
@@ -93,9 +93,8 @@ class ProxyService(MultiService):
         self._reactor = reactor
         self.loaded = loaded
         config = loaded.config
-        factories = selectorFactories()
         self.pools: dict[str, Pool] = {
-            p.name: Pool.fromConfig(p, factories[p.selector].newSelector())
+            p.name: Pool.fromConfig(p, selectorFactory(p.selector).newSelector())
             for p in config.pools
         }
         self.listeners: dict[str, ListenerService] = {}

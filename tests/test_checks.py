@@ -555,8 +555,7 @@ class CheckConfigurationTests(CheckTestsMixin, SynchronousTestCase):
         error = self.assertRaises(ConfigurationError, checkConfiguration, loadConfig(path), NOW)
         self.assertTrue(
             str(error).startswith(
-                f"{path}: pools[0].selector: unknown selector 'random'; installed"
-                " selectors: "
+                f"{path}: pools[0].selector: unknown selector 'random'; available: "
             ),
             str(error),
         )
