@@ -35,11 +35,14 @@ import attrs
 from .errors import ConfigurationError, joinKey
 
 __all__ = [
+    "AdminConfig",
     "CertificateConfig",
     "ListenerConfig",
+    "LoggingConfig",
     "MemberConfig",
     "PoolConfig",
     "ProxyConfig",
+    "StatusConfig",
     "loadConfig",
     "endpointProblem",
 ]
@@ -130,6 +133,17 @@ def _tables(cls: type[Any]) -> _Loader:
             _structure(cls, item, f"{keyPath}[{index}]", baseDirectory)
             for index, item in enumerate(value)
         )
+
+    return load
+
+
+def _table(cls: type[Any]) -> _Loader:
+    """
+    A loader for one table (C{[admin]}), becoming an instance of C{cls}.
+    """
+
+    def load(value: object, keyPath: str, baseDirectory: str) -> object:
+        return _structure(cls, value, keyPath, baseDirectory)
 
     return load
 
@@ -591,6 +605,166 @@ class PoolConfig:
             seen[where] = index
 
 
+def _optionalFilePath(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate L{None} or a non-empty path string.
+    """
+    if value is not None:
+        _filePath(instance, attribute, value)
+
+
+def _nonNegativeSeconds(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a finite number of seconds, 0 or more.
+    """
+    if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+        raise _refuse(attribute, "a number of seconds, 0 or more", value)
+
+
+@attrs.frozen
+class AdminConfig:
+    """
+    The SSH admin console (C{[admin]}), see C{docs/admin.md}.
+
+    @ivar authorized_keys: Absolute path of an OpenSSH C{authorized_keys}
+        file: the public keys that may log in (any user name).
+    @ivar endpoint: Twisted server endpoint description; loopback by
+        default.
+    @ivar host_key: Absolute path of the server's SSH host key, generated
+        (Ed25519, mode 0600) at the first start if missing; L{None} means
+        C{admin_host_key} in the configuration file's folder.
+    @ivar password_file: Absolute path of a file of C{user:bcrypt-hash}
+        lines that may also log in with a password; L{None} (the default)
+        allows keys only.
+    """
+
+    authorized_keys: str = attrs.field(validator=_filePath, metadata=_key(_path))
+    endpoint: str = attrs.field(
+        default="tcp:2222:interface=127.0.0.1", validator=_endpoint, metadata=_key()
+    )
+    host_key: str | None = attrs.field(
+        default=None, validator=_optionalFilePath, metadata=_key(_path)
+    )
+    password_file: str | None = attrs.field(
+        default=None, validator=_optionalFilePath, metadata=_key(_path)
+    )
+
+
+@attrs.frozen
+class StatusConfig:
+    """
+    The HTTP status, metrics and control endpoint (C{[status]}), see
+    C{docs/operations.md}.
+
+    Plain HTTP by default (meant for loopback); with C{cert} and C{key} it
+    is HTTPS, and with C{client_auth = "required"} it asks for client
+    certificates verified exactly like a listener's.
+
+    @ivar endpoint: Twisted server endpoint description; loopback by
+        default.
+    @ivar cert: Absolute path of the PEM certificate chain for HTTPS, or
+        L{None} for plain HTTP.
+    @ivar key: Absolute path of the PEM private key of C{cert}.
+    @ivar client_auth: As a listener's C{client_auth}.
+    @ivar ca_certificates: As a listener's C{ca_certificates}.
+    @ivar crls: As a listener's C{crls}.
+    @ivar crl_missing: As a listener's C{crl_missing}.
+    @ivar crl_expired: As a listener's C{crl_expired}.
+    """
+
+    endpoint: str = attrs.field(
+        default="tcp:9100:interface=127.0.0.1", validator=_endpoint, metadata=_key()
+    )
+    cert: str | None = attrs.field(default=None, validator=_optionalFilePath, metadata=_key(_path))
+    key: str | None = attrs.field(default=None, validator=_optionalFilePath, metadata=_key(_path))
+    client_auth: ClientAuth = attrs.field(
+        default="off", validator=_oneOf("off", "optional", "required"), metadata=_key()
+    )
+    ca_certificates: tuple[str, ...] = attrs.field(
+        default=(), converter=_toTuple, validator=_filePaths, metadata=_key(_paths)
+    )
+    crls: tuple[str, ...] = attrs.field(
+        default=(), converter=_toTuple, validator=_filePaths, metadata=_key(_paths)
+    )
+    crl_missing: CRLPolicy = attrs.field(
+        default="reject", validator=_oneOf("reject", "allow"), metadata=_key()
+    )
+    crl_expired: CRLPolicy = attrs.field(
+        default="reject", validator=_oneOf("reject", "allow"), metadata=_key()
+    )
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Check the settings that depend on each other.
+        """
+        if (self.cert is None) != (self.key is None):
+            raise ConfigurationError(
+                "cert and key go together: set both for HTTPS, neither for plain HTTP",
+                key="key" if self.key is None else "cert",
+            )
+        if self.cert is None:
+            for name in ("client_auth", "ca_certificates", "crls"):
+                if getattr(self, name) != attrs.fields_dict(StatusConfig)[name].default:
+                    raise ConfigurationError(
+                        "only allowed with cert and key (HTTPS)", key=name
+                    )
+        elif self.client_auth != "off" and not self.ca_certificates:
+            raise ConfigurationError(
+                f'client_auth = "{self.client_auth}" needs at least one CA file'
+                " to verify client certificates with",
+                key="ca_certificates",
+            )
+
+    @property
+    def tls(self) -> bool:
+        """
+        Is the status endpoint HTTPS?
+        """
+        return self.cert is not None
+
+    def asListener(self) -> ListenerConfig:
+        """
+        The same TLS settings as a C{ListenerConfig} named C{"status"}, so
+        that the listeners' start-up checks, TLS contexts and client
+        certificate verification serve the status endpoint too.
+
+        @raise ValueError: If the endpoint is not HTTPS.
+        """
+        if self.cert is None or self.key is None:
+            raise ValueError("the status endpoint has no cert and key")
+        return ListenerConfig(
+            name="status",
+            endpoint=self.endpoint,
+            protocol="tls",
+            pool="status",
+            client_auth=self.client_auth,
+            ca_certificates=self.ca_certificates,
+            crls=self.crls,
+            certificates=(CertificateConfig(cert=self.cert, key=self.key),),
+            crl_missing=self.crl_missing,
+            crl_expired=self.crl_expired,
+        )
+
+
+@attrs.frozen
+class LoggingConfig:
+    """
+    Where the log goes and in what shape (C{[logging]}), see
+    C{docs/operations.md}.  twistd's own C{--logfile} and the C{twistd
+    mtlsproxy --log-format} option take precedence.
+
+    @ivar format: C{"text"} (human-readable lines) or C{"json"} (one JSON
+        object per line).
+    @ivar file: Absolute path of the log file, or L{None} for twistd's
+        default (standard output with C{-n}, else C{twistd.log}).
+    """
+
+    format: Literal["text", "json"] = attrs.field(
+        default="text", validator=_oneOf("text", "json"), metadata=_key()
+    )
+    file: str | None = attrs.field(default=None, validator=_optionalFilePath, metadata=_key(_path))
+
+
 @attrs.frozen
 class ProxyConfig:
     """
@@ -600,6 +774,12 @@ class ProxyConfig:
         reloading); not a TOML key.
     @ivar listeners: The listeners, at least one, names unique.
     @ivar pools: The pools, at least one, names unique.
+    @ivar admin: The SSH admin console (C{[admin]}), or L{None} for none.
+    @ivar status: The status and metrics endpoint (C{[status]}), or L{None}
+        for none.
+    @ivar logging: Log format and file (C{[logging]}).
+    @ivar drain_timeout: Seconds that established connections are given to
+        finish on shutdown (SIGTERM) before they are closed.
     """
 
     path: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -610,6 +790,24 @@ class ProxyConfig:
     pools: tuple[PoolConfig, ...] = attrs.field(
         validator=_tuplesOf(PoolConfig, "pools", required=True),
         metadata=_key(_tables(PoolConfig)),
+    )
+    admin: AdminConfig | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of(AdminConfig)),
+        metadata=_key(_table(AdminConfig)),
+    )
+    status: StatusConfig | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of(StatusConfig)),
+        metadata=_key(_table(StatusConfig)),
+    )
+    logging: LoggingConfig = attrs.field(
+        factory=LoggingConfig,
+        validator=attrs.validators.instance_of(LoggingConfig),
+        metadata=_key(_table(LoggingConfig)),
+    )
+    drain_timeout: float = attrs.field(
+        default=30.0, converter=_toFloat, validator=_nonNegativeSeconds, metadata=_key()
     )
 
     def __attrs_post_init__(self) -> None:

@@ -53,8 +53,6 @@ from .interfaces import IHealthCheckerFactory
 if TYPE_CHECKING:  # pragma: no cover
     from .pool import Member, Pool
 
-_log = Logger()
-
 __all__ = [
     "CheckResult",
     "OptionError",
@@ -70,6 +68,8 @@ __all__ = [
     "checkOnce",
     "HealthMonitor",
 ]
+
+_log = Logger()
 
 
 # ---------------------------------------------------------------------------
@@ -447,11 +447,7 @@ def parseHealthCheck(
         )
     factory = factories.get(typeName)
     if factory is None:
-        available = ", ".join(sorted(factories)) or "none"
-        raise ConfigurationError(
-            f"unknown health checker type {json.dumps(typeName)}; available: {available}",
-            key=joinKey(key, "type"),
-        )
+        raise _unknownType(typeName, factories, key)
     specific = tuple(factory.options)
     allowed = COMMON_KEYS + tuple(k for k in specific if k not in COMMON_KEYS)
     for name in table:
@@ -473,6 +469,22 @@ def parseHealthCheck(
 
     makeChecker(config, MemoryReactorClock(), None, {typeName: factory}, key)
     return config
+
+
+def _unknownType(
+    typeName: str, factories: Mapping[str, Any], key: Optional[str]
+) -> ConfigurationError:
+    """
+    The error for a C{type} no plugin has, worded like
+    L{mtlsproxy.plugins.UnknownPlugin} (which lists the installed names).
+    """
+    # Imported here: mtlsproxy.plugins imports the plugin package, which
+    # imports this module.
+    from .plugins import HEALTH_CHECKER, UnknownPlugin
+
+    return ConfigurationError(
+        str(UnknownPlugin(HEALTH_CHECKER, typeName, factories)), key=joinKey(key, "type")
+    )
 
 
 def makeChecker(
@@ -497,11 +509,7 @@ def makeChecker(
     """
     factory = factories.get(config.type)
     if factory is None:
-        raise ConfigurationError(
-            f"unknown health checker type {json.dumps(config.type)};"
-            f" available: {', '.join(sorted(factories)) or 'none'}",
-            key=joinKey(key, "type"),
-        )
+        raise _unknownType(config.type, factories, key)
     try:
         return factory.newChecker(reactor, config.options, tls)
     except OptionError as e:

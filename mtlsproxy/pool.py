@@ -13,8 +13,8 @@ Two things take a member out of rotation without an operator:
   - active health checks (L{mtlsproxy.health.HealthMonitor}) set
     C{member.healthy};
   - passive ejection: the relay reports every failed and every successful
-    connection attempt (L{Member.connectFailed}, L{Member.connectSucceeded}),
-    and after C{eject_after} consecutive failures the member is ejected for
+    connection attempt (L{Member.connectFailed}; L{Member.connectSucceeded},
+    which L{Member.connectionOpened} implies), and after C{eject_after} consecutive failures the member is ejected for
     C{eject_backoff} seconds, twice as long on each ejection that follows
     without a success in between, up to C{eject_backoff_max}.
 
@@ -117,7 +117,7 @@ class Member:
     @ivar ejections: Ejections since the last successful connection; the
         next ejection lasts C{eject_backoff * 2 ** ejections}.
     @ivar poolName: The name of the pool that adopted it (for logs).
-    @ivar ejection: The pool's L{PassiveEjectionConfig}.
+    @ivar ejectionConfig: The pool's L{PassiveEjectionConfig}.
     """
 
     log = Logger()
@@ -126,7 +126,7 @@ class Member:
         self,
         config: Any,
         clock: Optional[Clock] = None,
-        ejection: Optional[PassiveEjectionConfig] = None,
+        ejectionConfig: Optional[PassiveEjectionConfig] = None,
         poolName: str = "",
     ) -> None:
         self.config = config
@@ -141,7 +141,9 @@ class Member:
         self.ejectedUntil: Optional[float] = None
         self.ejections = 0
         self.clock: Clock = clock if clock is not None else _WALL_CLOCK
-        self.ejection = ejection if ejection is not None else PassiveEjectionConfig()
+        self.ejectionConfig = (
+            ejectionConfig if ejectionConfig is not None else PassiveEjectionConfig()
+        )
         self.poolName = poolName
 
     @property
@@ -216,10 +218,12 @@ class Member:
 
     def connectionOpened(self) -> None:
         """
-        A proxied connection to this member was established.
+        A proxied connection to this member was established (which is also
+        a successful connection attempt, see L{connectSucceeded}).
         """
         self.activeConnections += 1
         self.totalConnections += 1
+        self.connectSucceeded()
 
     def connectionClosed(self) -> None:
         """
@@ -233,23 +237,23 @@ class Member:
         """
         A connection attempt to this member failed (refused, timed out).
 
-        After C{ejection.eject_after} consecutive failures the member is
+        After C{ejectionConfig.eject_after} consecutive failures the member is
         ejected (see the module docstring).  Failures while it is ejected
         (attempts that started before) count in C{failedConnections} only.
 
         @param now: The current time; default the member's clock.
         """
         self.failedConnections += 1
-        if not self.ejection.enabled:
+        if not self.ejectionConfig.enabled:
             return
         if now is None:
             now = self.clock.seconds()
         if self.ejected(now):
             return
         self.consecutiveConnectFailures += 1
-        if self.consecutiveConnectFailures < self.ejection.eject_after:
+        if self.consecutiveConnectFailures < self.ejectionConfig.eject_after:
             return
-        duration = self.ejection.duration(self.ejections)
+        duration = self.ejectionConfig.duration(self.ejections)
         failures = self.consecutiveConnectFailures
         self.ejectedUntil = now + duration
         self.ejections += 1
@@ -306,7 +310,8 @@ class Pool:
         are refused (L{NO_HEALTHY_MEMBER}); C{"use_all"} fails open and
         offers every usable member (not draining, weight above zero),
         logged once as an error when it starts and once when it ends.
-    @ivar ejection: The passive ejection settings given to every member.
+    @ivar ejectionConfig: The passive ejection settings given to every
+        member.
     @ivar clock: What C{seconds()} is read from for ejections.
     """
 
@@ -319,7 +324,7 @@ class Pool:
         selector: IBackendSelector,
         clock: Optional[Clock] = None,
         allUnhealthy: str = "reject",
-        ejection: Optional[PassiveEjectionConfig] = None,
+        ejectionConfig: Optional[PassiveEjectionConfig] = None,
     ) -> None:
         """
         @param clock: Default C{time.time}; pass the reactor.
@@ -335,7 +340,9 @@ class Pool:
         self.selector: Any = selector
         self.clock: Clock = clock if clock is not None else _WALL_CLOCK
         self.allUnhealthy = allUnhealthy
-        self.ejection = ejection if ejection is not None else PassiveEjectionConfig()
+        self.ejectionConfig = (
+            ejectionConfig if ejectionConfig is not None else PassiveEjectionConfig()
+        )
         self.members: list[Member] = []
         self._watchers: list[PoolWatcher] = []
         self._failingOpen = False
@@ -357,7 +364,7 @@ class Pool:
         C{eject_backoff} and C{eject_backoff_max} are read when C{config}
         has them; otherwise the defaults apply.
         """
-        ejection = PassiveEjectionConfig(
+        ejectionConfig = PassiveEjectionConfig(
             eject_after=getattr(config, "eject_after", 5),
             eject_backoff=getattr(config, "eject_backoff", 30.0),
             eject_backoff_max=getattr(config, "eject_backoff_max", 300.0),
@@ -368,7 +375,7 @@ class Pool:
             selector,
             clock=clock,
             allUnhealthy=getattr(config, "all_unhealthy", "reject"),
-            ejection=ejection,
+            ejectionConfig=ejectionConfig,
         )
 
     def _adopt(self, member: Member) -> None:
@@ -376,7 +383,7 @@ class Pool:
         Give a member this pool's clock, ejection settings and name.
         """
         member.clock = self.clock
-        member.ejection = self.ejection
+        member.ejectionConfig = self.ejectionConfig
         member.poolName = self.name
 
     def addMember(self, member: Member) -> None:

@@ -282,7 +282,8 @@ class LoadConfigTests(ConfigFileMixin, SynchronousTestCase):
         """
         self.assertConfigError(
             "listener = 1\n" + VALID,
-            "unknown key 'listener'; expected one of: listeners, pools",
+            "unknown key 'listener'; expected one of: listeners, pools, admin, status,"
+            " logging, drain_timeout",
         )
 
     def test_unknownListenerKey(self) -> None:
@@ -332,7 +333,8 @@ class LoadConfigTests(ConfigFileMixin, SynchronousTestCase):
         path = self.writeConfig('"a\\nb" = 1\n' + VALID)
         error = self.assertRaises(ConfigurationError, loadConfig, path)
         self.assertEqual(
-            str(error), f"{path}: unknown key 'a\\nb'; expected one of: listeners, pools"
+            str(error), f"{path}: unknown key 'a\\nb'; expected one of: listeners, pools, admin,"
+            " status, logging, drain_timeout"
         )
 
     def test_badEnum(self) -> None:

@@ -306,7 +306,7 @@ class ParseHealthCheckTests(SynchronousTestCase):
         """
         error = self.assertProblem(
             {"type": "htp"},
-            'pools[0].health_check.type: unknown health checker type "htp";'
+            "pools[0].health_check.type: unknown health checker 'htp';"
             " available: http, picky, tcp, tls",
         )
         self.assertEqual(error.key, "pools[0].health_check.type")
@@ -413,7 +413,8 @@ class ParseHealthCheckTests(SynchronousTestCase):
             makeChecker(config, reactor, None, {}, self.KEY)
         self.assertEqual(
             str(caught.exception),
-            'pools[0].health_check.type: unknown health checker type "http"; available: none',
+            "pools[0].health_check.type: unknown health checker 'http';"
+            " available: (none installed)",
         )
         bad = attrs.evolve(config, options={"path": "x"})
         with self.assertRaises(ConfigurationError) as caught:
@@ -912,10 +913,14 @@ class PassiveEjectionTests(SynchronousTestCase):
 
     def test_successResetsCount(self) -> None:
         """
-        When a connection succeeds between failures, the count starts over.
+        When a connection succeeds between failures (connectSucceeded, or
+        connectionOpened for an established connection), the count starts
+        over.
         """
         self.fail(4)
         self.member.connectSucceeded()
+        self.fail(4)
+        self.member.connectionOpened()
         self.fail(4)
         self.assertTrue(self.member.available())
 
@@ -967,7 +972,7 @@ class PassiveEjectionTests(SynchronousTestCase):
         When eject_after is 0, members are never ejected.
         """
         pool = Pool("p", [_member(1)], SmoothWeightedRoundRobin(), clock=self.clock,
-                    ejection=PassiveEjectionConfig(eject_after=0))
+                    ejectionConfig=PassiveEjectionConfig(eject_after=0))
         for _ in range(100):
             pool.members[0].connectFailed()
         self.assertTrue(pool.members[0].available())
@@ -1094,7 +1099,7 @@ class PoolMembershipTests(SynchronousTestCase):
         members = (_MemberConfig("h", 1),)
         pool = Pool.fromConfig(PoolConfig("p", members), SmoothWeightedRoundRobin(), clock)
         self.assertEqual(pool.allUnhealthy, "use_all")
-        self.assertEqual(pool.members[0].ejection, PassiveEjectionConfig(2, 10.0, 15.0))
+        self.assertEqual(pool.members[0].ejectionConfig, PassiveEjectionConfig(2, 10.0, 15.0))
         self.assertIs(pool.members[0].clock, clock)
 
         @attrs.frozen
@@ -1103,7 +1108,9 @@ class PoolMembershipTests(SynchronousTestCase):
             members: tuple[_MemberConfig, ...]
 
         pool = Pool.fromConfig(OldPoolConfig("p", members), SmoothWeightedRoundRobin())
-        self.assertEqual((pool.allUnhealthy, pool.ejection), ("reject", PassiveEjectionConfig()))
+        self.assertEqual(
+            (pool.allUnhealthy, pool.ejectionConfig), ("reject", PassiveEjectionConfig())
+        )
 
     def test_addRemove(self) -> None:
         """
