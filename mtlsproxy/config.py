@@ -33,6 +33,7 @@ from typing import Any, Callable, Literal, Sequence, TypeVar
 import attrs
 
 from .errors import ConfigurationError, joinKey
+from .policy import DEFAULT_POLICY, POLICIES, TLS_VERSIONS, listenerPolicy, policyProblem
 
 __all__ = [
     "AdminConfig",
@@ -135,6 +136,17 @@ def _tables(cls: type[Any]) -> _Loader:
         )
 
     return load
+
+
+def _healthCheck(value: object, keyPath: str, baseDirectory: str) -> object:
+    """
+    A C{[pools.health_check]} table, validated against the installed
+    health-checker plugins (L{mtlsproxy.health.parseHealthCheck}).
+    """
+    from .health import parseHealthCheck
+    from .plugins import healthCheckerFactoriesByName
+
+    return parseHealthCheck(value, keyPath, healthCheckerFactoriesByName())
 
 
 def _table(cls: type[Any]) -> _Loader:
@@ -429,6 +441,30 @@ def _endpoint(instance: object, attribute: attrs.Attribute[Any], value: object) 
         raise ConfigurationError(problem, key=attribute.name)
 
 
+def _boolean(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate C{true} or C{false}.
+    """
+    if not isinstance(value, bool):
+        raise _refuse(attribute, "true or false", value)
+
+
+def _names(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a tuple of non-empty ASCII strings (group names, ALPN protocol
+    names), each at most 255 bytes.
+    """
+    if not isinstance(value, tuple):
+        raise _refuse(attribute, "an array of strings", value)
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item or not item.isascii() or len(item) > 255:
+            raise ConfigurationError(
+                f"expected a non-empty ASCII string of at most 255 characters;"
+                f" got {_describe(item)}",
+                key=f"{attribute.name}[{index}]",
+            )
+
+
 # ---------------------------------------------------------------------------
 # The configuration classes
 # ---------------------------------------------------------------------------
@@ -439,13 +475,95 @@ class CertificateConfig:
     """
     One server certificate of a TLS listener (C{[[listeners.certificates]]}).
 
+    Either C{cert} and C{key} (PEM) or C{pkcs12}.  Clients are given the
+    certificate whose subjectAltName DNS names match the server name they
+    ask for (SNI); see C{docs/tls-policies.md}.
+
     @ivar cert: Absolute path of a PEM file: the server certificate first,
         then the intermediates that clients need to build the chain.
-    @ivar key: Absolute path of the PEM private key for the certificate.
+    @ivar key: Absolute path of the PEM private key for the certificate,
+        encrypted or not.
+    @ivar pkcs12: Absolute path of a PKCS#12 file holding the certificate,
+        its key and its intermediates, instead of C{cert} and C{key}.
+    @ivar password_file: Absolute path of a file holding the password of an
+        encrypted C{key} or of C{pkcs12} (one line; a final line break is
+        not part of it).
+    @ivar password_env: The name of an environment variable holding that
+        password instead.
+    @ivar default: Give this certificate to clients that send no server
+        name or one no certificate matches (at most one per listener;
+        without one, the first certificate).
+    @ivar client_auth: The listener's C{client_auth} for the names of this
+        certificate, or L{None} to use the listener's.
+    @ivar ca_certificates: The listener's C{ca_certificates} for the names of
+        this certificate, or L{None} to use the listener's.
+    @ivar crls: The listener's C{crls} for the names of this certificate, or
+        L{None} to use the listener's.
     """
 
-    cert: str = attrs.field(validator=_filePath, metadata=_key(_path))
-    key: str = attrs.field(validator=_filePath, metadata=_key(_path))
+    cert: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_filePath), metadata=_key(_path)
+    )
+    key: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_filePath), metadata=_key(_path)
+    )
+    pkcs12: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_filePath), metadata=_key(_path)
+    )
+    password_file: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_filePath), metadata=_key(_path)
+    )
+    password_env: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_nonEmptyString), metadata=_key()
+    )
+    default: bool = attrs.field(default=False, validator=_boolean, metadata=_key())
+    client_auth: ClientAuth | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_oneOf("off", "optional", "required")),
+        metadata=_key(),
+    )
+    ca_certificates: tuple[str, ...] | None = attrs.field(
+        default=None,
+        converter=_toTuple,
+        validator=attrs.validators.optional(_filePaths),
+        metadata=_key(_paths),
+    )
+    crls: tuple[str, ...] | None = attrs.field(
+        default=None,
+        converter=_toTuple,
+        validator=attrs.validators.optional(_filePaths),
+        metadata=_key(_paths),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Check that the certificate comes from one place, and its password
+        from at most one.
+        """
+        if self.pkcs12 is not None:
+            for name in ("cert", "key"):
+                if getattr(self, name) is not None:
+                    raise ConfigurationError(
+                        "pkcs12 replaces cert and key: set either pkcs12, or cert and key",
+                        key=name,
+                    )
+        else:
+            for name in ("cert", "key"):
+                if getattr(self, name) is None:
+                    raise ConfigurationError(
+                        f"missing required key {name!r} (or pkcs12 instead of cert and key)"
+                    )
+        if self.password_file is not None and self.password_env is not None:
+            raise ConfigurationError(
+                "password_file and password_env are alternatives: set one", key="password_env"
+            )
+
+    @property
+    def source(self) -> str:
+        """
+        The file the certificate is read from: C{pkcs12} or C{cert}.
+        """
+        return self.pkcs12 if self.pkcs12 is not None else str(self.cert)
 
 
 @attrs.frozen
@@ -469,6 +587,32 @@ class ListenerConfig:
         chain has a CA without a configured CRL.
     @ivar crl_expired: C{"reject"} or C{"allow"} a client certificate
         checked against a CRL past its nextUpdate.
+    @ivar strict_sni: Refuse a client whose server name matches none of the
+        certificates (alert unrecognized_name) instead of giving it the
+        default certificate.
+    @ivar tls_policy: The name of a built-in policy in
+        L{mtlsproxy.policy.POLICIES}.
+    @ivar min_version: C{"1.2"} or C{"1.3"}, instead of the policy's.
+    @ivar max_version: C{"1.2"} or C{"1.3"}, instead of the policy's.
+    @ivar ciphers: The TLS 1.2 OpenSSL cipher string, instead of the
+        policy's.
+    @ivar ciphersuites: The TLS 1.3 cipher suites, colon separated, instead
+        of the policy's.
+    @ivar groups: The key exchange groups in order of preference, instead
+        of the policy's.
+    @ivar session_tickets: Resume sessions with stateless tickets (a key
+        per context) as well as the server's session cache.
+    @ivar alpn: The application protocols to offer in ALPN, in order of
+        preference; empty for no ALPN.
+    @ivar close_revoked_connections: When a reload brings a CRL that revokes
+        a certificate an established connection was verified with, close
+        that connection.
+    @ivar handshake_timeout: Seconds from accept for a client to complete its
+        TLS handshake (a deadline: bytes do not extend it).
+    @ivar idle_timeout: Seconds without a byte either way before a relayed
+        connection is closed; also the most a connection may take to close.
+    @ivar max_connections: Client connections open at once; at this many the
+        listener stops accepting until one closes.
     """
 
     name: str = attrs.field(validator=_nonEmptyString, metadata=_key())
@@ -507,6 +651,54 @@ class ListenerConfig:
         validator=_oneOf("reject", "allow"),
         metadata=_key(tlsOnly=True),
     )
+    strict_sni: bool = attrs.field(default=False, validator=_boolean, metadata=_key(tlsOnly=True))
+    tls_policy: str = attrs.field(
+        default=DEFAULT_POLICY, validator=_oneOf(*POLICIES), metadata=_key(tlsOnly=True)
+    )
+    min_version: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_oneOf(*TLS_VERSIONS)),
+        metadata=_key(tlsOnly=True),
+    )
+    max_version: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_oneOf(*TLS_VERSIONS)),
+        metadata=_key(tlsOnly=True),
+    )
+    ciphers: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_nonEmptyString),
+        metadata=_key(tlsOnly=True),
+    )
+    ciphersuites: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(_nonEmptyString),
+        metadata=_key(tlsOnly=True),
+    )
+    groups: tuple[str, ...] | None = attrs.field(
+        default=None,
+        converter=_toTuple,
+        validator=attrs.validators.optional(_names),
+        metadata=_key(tlsOnly=True),
+    )
+    session_tickets: bool = attrs.field(
+        default=False, validator=_boolean, metadata=_key(tlsOnly=True)
+    )
+    alpn: tuple[str, ...] = attrs.field(
+        default=(), converter=_toTuple, validator=_names, metadata=_key(tlsOnly=True)
+    )
+    close_revoked_connections: bool = attrs.field(
+        default=True, validator=_boolean, metadata=_key(tlsOnly=True)
+    )
+    handshake_timeout: float = attrs.field(
+        default=10.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key(tlsOnly=True)
+    )
+    idle_timeout: float = attrs.field(
+        default=300.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key()
+    )
+    max_connections: int = attrs.field(
+        default=10000, validator=_integer(1, 1_000_000), metadata=_key()
+    )
 
     def __attrs_post_init__(self) -> None:
         """
@@ -527,12 +719,51 @@ class ListenerConfig:
                 " table (cert and key)",
                 key="certificates",
             )
-        if self.client_auth != "off" and not self.ca_certificates:
+        self._checkCertificateEntries()
+        problem = policyProblem(listenerPolicy(self))
+        if problem is not None:
+            key, text = problem
+            raise ConfigurationError(text, key=key)
+
+    def _checkCertificateEntries(self) -> None:
+        """
+        Check the client certificate settings each certificate entry ends
+        up with, and that at most one entry is the default.
+        """
+        defaults = [i for i, c in enumerate(self.certificates) if c.default]
+        if len(defaults) > 1:
             raise ConfigurationError(
-                f'client_auth = "{self.client_auth}" needs at least one CA file'
-                " to verify client certificates with",
-                key="ca_certificates",
+                f"only one certificate may be the default; certificates[{defaults[0]}]"
+                f" is already",
+                key=f"certificates[{defaults[1]}].default",
             )
+        for index, entry in enumerate(self.certificates):
+            clientAuth = entry.client_auth or self.client_auth
+            cas = self.ca_certificates if entry.ca_certificates is None else entry.ca_certificates
+            if clientAuth == "off" or cas:
+                continue
+            if entry.client_auth is None and entry.ca_certificates is None:
+                key = "ca_certificates"
+            else:
+                key = f"certificates[{index}].ca_certificates"
+            raise ConfigurationError(
+                f'client_auth = "{clientAuth}" needs at least one CA file'
+                " to verify client certificates with",
+                key=key,
+            )
+
+    def certificateSettings(self, index: int) -> tuple[ClientAuth, tuple[str, ...], tuple[str, ...]]:
+        """
+        The client certificate settings of certificate entry C{index}: its
+        own C{client_auth}, C{ca_certificates} and C{crls} where it sets
+        them, the listener's otherwise.
+        """
+        entry = self.certificates[index]
+        return (
+            entry.client_auth or self.client_auth,
+            self.ca_certificates if entry.ca_certificates is None else entry.ca_certificates,
+            self.crls if entry.crls is None else entry.crls,
+        )
 
     @property
     def tls(self) -> bool:
@@ -587,12 +818,30 @@ class PoolConfig:
     max_connect_attempts: int = attrs.field(
         default=3, validator=_atLeast(1), metadata=_key()
     )
+    health_check: Any = attrs.field(default=None, metadata=_key(_healthCheck))
+    all_unhealthy: str = attrs.field(
+        default="reject", validator=_oneOf("reject", "use_all"), metadata=_key()
+    )
+    eject_after: int = attrs.field(default=5, validator=_atLeast(0), metadata=_key())
+    eject_backoff: float = attrs.field(
+        default=30.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key()
+    )
+    eject_backoff_max: float = attrs.field(
+        default=300.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key()
+    )
 
     def __attrs_post_init__(self) -> None:
         """
         Refuse the same backend twice: members are told apart by address
-        and port.
+        and port.  Check the passive ejection settings together.
         """
+        from .health import PassiveEjectionConfig
+
+        PassiveEjectionConfig(
+            eject_after=self.eject_after,
+            eject_backoff=self.eject_backoff,
+            eject_backoff_max=self.eject_backoff_max,
+        )
         seen: dict[tuple[str, int], int] = {}
         for index, member in enumerate(self.members):
             where = (member.address, member.port)
@@ -780,6 +1029,12 @@ class ProxyConfig:
     @ivar logging: Log format and file (C{[logging]}).
     @ivar drain_timeout: Seconds that established connections are given to
         finish on shutdown (SIGTERM) before they are closed.
+    @ivar reload_poll_interval: Seconds between checks of the configuration
+        file and the files it names for changed content (a change reloads
+        them, see C{docs/reload.md}); 0 turns polling off (SIGHUP still
+        reloads).
+    @ivar expiry_warning_days: Certificates and CRLs that expire within this
+        many days are logged as warnings at start-up, on reload and daily.
     """
 
     path: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -808,6 +1063,12 @@ class ProxyConfig:
     )
     drain_timeout: float = attrs.field(
         default=30.0, converter=_toFloat, validator=_nonNegativeSeconds, metadata=_key()
+    )
+    reload_poll_interval: float = attrs.field(
+        default=5.0, converter=_toFloat, validator=_nonNegativeSeconds, metadata=_key()
+    )
+    expiry_warning_days: int = attrs.field(
+        default=30, validator=_integer(0, 3650), metadata=_key()
     )
 
     def __attrs_post_init__(self) -> None:

@@ -276,10 +276,57 @@ class Member:
         self.consecutiveConnectFailures = 0
         self.ejections = 0
 
+    def drain(self) -> None:
+        """
+        An operator takes the member out of rotation: no new connections go
+        to it; established ones go on until they end.
+        """
+        if not self.draining:
+            self.draining = True
+            self.log.info(
+                "Pool {pool} member {member} draining ({active} connection(s) open)",
+                pool=self.poolName,
+                member=self.hostPort,
+                active=self.activeConnections,
+                draining=True,
+            )
+
+    def enable(self) -> None:
+        """
+        An operator puts a drained member back into rotation.
+        """
+        if self.draining:
+            self.draining = False
+            self.log.info(
+                "Pool {pool} member {member} enabled",
+                pool=self.poolName,
+                member=self.hostPort,
+                draining=False,
+            )
+
+    def setWeight(self, weight: int) -> None:
+        """
+        An operator changes the member's weight (0 takes it out of rotation
+        like L{drain}); the configuration is not touched.
+
+        @raise ValueError: If C{weight} is not an integer from 0 to 1000.
+        """
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
+            raise ValueError(f"weight must be an integer from 0 to 1000, not {weight!r}")
+        old, self.weight = self.weight, weight
+        self.log.info(
+            "Pool {pool} member {member} weight {old} -> {weight}",
+            pool=self.poolName,
+            member=self.hostPort,
+            old=old,
+            weight=weight,
+        )
+
     def __repr__(self) -> str:
         return (
             f"<Member {self.address}:{self.port} weight={self.weight}"
             f" active={self.activeConnections} healthy={self.healthy}"
+            f"{' draining' if self.draining else ''}"
             f"{' ejected' if self.ejectedUntil is not None else ''}>"
         )
 

@@ -33,14 +33,22 @@ from typing import Any, Optional
 
 import attrs
 from twisted.internet.error import ConnectionDone, NotConnectingError
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+)
 from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .drain import ConnectionInfo, ConnectionRegistry
+from .limits import ConnectionGate, IdleTimer, Timeouts
+from .metrics import NO_METRICS, ListenerMetrics
 from .pool import ConnectionFacts, Member, Pool
-from .verify import peerIdentity
+from .verify import peerIdentity, rejectionReason
 
 __all__ = [
     "ACCESS_LOG_FORMAT",
@@ -106,6 +114,22 @@ class CloseReason:
     """The proxy gave up on the connection (e.g. too much data before the
     backend was connected)."""
 
+    SHUTDOWN = "shutdown"
+    """The proxy closed it at shutdown, when the drain timeout ran out."""
+
+    OPERATOR = "closed_by_operator"
+    """An operator closed it (the admin console's C{close(id)})."""
+
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    """The TLS handshake was not complete C{handshake_timeout} seconds after
+    accept."""
+
+    IDLE_TIMEOUT = "idle_timeout"
+    """No byte went either way for C{idle_timeout} seconds."""
+
+    MAX_CONNECTIONS = "max_connections"
+    """The listener already had C{max_connections} connections."""
+
 
 class Phase(enum.Enum):
     """
@@ -121,7 +145,7 @@ class Phase(enum.Enum):
 
 
 _TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    Phase.NEW: frozenset({Phase.HANDSHAKING, Phase.CONNECTING}),
+    Phase.NEW: frozenset({Phase.HANDSHAKING, Phase.CONNECTING, Phase.CLOSING}),
     Phase.HANDSHAKING: frozenset({Phase.CONNECTING, Phase.CLOSING}),
     Phase.CONNECTING: frozenset({Phase.RELAYING, Phase.CLOSING}),
     Phase.RELAYING: frozenset({Phase.CLOSING}),
@@ -196,6 +220,15 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
     @ivar maxAttempts: Backend connection attempts per client connection.
     @ivar tls: C{True} if the protocols run over TLS: the backend is then
         contacted only from C{handshakeCompleted}.
+    @ivar metrics: Where connections, handshakes, bytes, picks and connect
+        failures are counted (L{mtlsproxy.metrics.NO_METRICS} by default).
+    @ivar connections: The registry of live connections every protocol
+        adds itself to (L{mtlsproxy.drain.ConnectionRegistry}; a new one
+        per factory by default).
+    @ivar timeouts: The handshake and idle timeouts
+        (L{mtlsproxy.limits.Timeouts}; its defaults unless given).
+    @ivar gate: Counts client connections against C{max_connections}
+        (L{mtlsproxy.limits.ConnectionGate}), or L{None} for no limit.
     """
 
     noisy = False
@@ -210,6 +243,10 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
         connectTimeout: float,
         maxAttempts: int,
         tls: bool,
+        metrics: Optional[ListenerMetrics] = None,
+        connections: Optional[ConnectionRegistry] = None,
+        timeouts: Optional[Timeouts] = None,
+        gate: Optional[ConnectionGate] = None,
     ) -> None:
         self.reactor = reactor
         self.listenerName = listenerName
@@ -217,6 +254,10 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
         self.connectTimeout = connectTimeout
         self.maxAttempts = maxAttempts
         self.tls = tls
+        self.metrics = metrics if metrics is not None else NO_METRICS
+        self.connections = connections if connections is not None else ConnectionRegistry()
+        self.timeouts = timeouts if timeouts is not None else Timeouts()
+        self.gate = gate
 
     def buildProtocol(self, addr: Optional[IAddress]) -> ProxyServerProtocol:
         """
@@ -328,6 +369,11 @@ class ProxyServerProtocol(Protocol):
 
     preConnectBufferLimit = 2**20
 
+    # Limits (see the "limits" section below).
+    _admitted = False
+    _handshakeDeadline: Optional[IDelayedCall] = None
+    _idle: Optional[IdleTimer] = None
+
     def __init__(self) -> None:
         self.phase = Phase.NEW
         self._started = 0.0
@@ -352,6 +398,7 @@ class ProxyServerProtocol(Protocol):
         self._closeReason: Optional[str] = None
         self._bytesIn = 0
         self._bytesOut = 0
+        self.connectionId: Optional[int] = None
 
     def _enter(self, phase: Phase) -> None:
         """
@@ -363,6 +410,7 @@ class ProxyServerProtocol(Protocol):
         if phase not in _TRANSITIONS[self.phase]:
             raise RuntimeError(f"relay cannot go from {self.phase} to {phase}")
         self.phase = phase
+        self._limitPhase(phase)
 
     def _noteClose(self, reason: str) -> None:
         """
@@ -381,8 +429,13 @@ class ProxyServerProtocol(Protocol):
         """
         self._started = self.factory.reactor.seconds()
         self._peerHost, self._peerPort, self._peer = _describe(self.transport.getPeer())
+        self.connectionId = self.factory.connections.add(self)
+        self.factory.metrics.connectionOpened()
+        if not self._admit():
+            return
         if self.factory.tls:
             self._enter(Phase.HANDSHAKING)
+            self._armHandshakeDeadline()
         else:
             self.transport.pauseProducing()
             self._startConnecting()
@@ -395,6 +448,8 @@ class ProxyServerProtocol(Protocol):
         """
         if self.phase is not Phase.HANDSHAKING:
             return
+        self._cancelHandshakeDeadline()
+        self.factory.metrics.handshakeSucceeded(self.factory.reactor.seconds() - self._started)
         self._tlsFacts = _tlsFactsOf(self.transport)
         self.transport.pauseProducing()
         self._startConnecting()
@@ -448,9 +503,14 @@ class ProxyServerProtocol(Protocol):
         if self._clientGone:
             return
         self._clientGone = True
+        self._releaseSlot()
         if self.phase is Phase.HANDSHAKING:
             self._noteClose(CloseReason.HANDSHAKE_FAILED)
             self._tlsFacts = _tlsFactsOf(self.transport)
+            self.factory.metrics.handshakeFailed(
+                rejectionReason(self.transport) or "aborted",
+                self.factory.reactor.seconds() - self._started,
+            )
         else:
             self._noteClose(CloseReason.CLIENT_CLOSED)
         if not reason.check(ConnectionDone):
@@ -469,6 +529,107 @@ class ProxyServerProtocol(Protocol):
         self._stopClientFeedingBackend()
         self._closeBackend()
         self._finishIfDone()
+
+    # -- limits ---------------------------------------------------------------
+
+    def _admit(self) -> bool:
+        """
+        Take a slot of the listener's C{max_connections}; if there is none,
+        abort the connection (C{close_reason="max_connections"}).
+        """
+        gate = self.factory.gate
+        if gate is None or gate.admit():
+            self._admitted = gate is not None
+            return True
+        self._noteClose(CloseReason.MAX_CONNECTIONS)
+        self._enter(Phase.CLOSING)
+        self.transport.abortConnection()
+        return False
+
+    def _releaseSlot(self) -> None:
+        """
+        Give back the slot taken by L{_admit}, once.
+        """
+        if self._admitted:
+            self._admitted = False
+            assert self.factory.gate is not None
+            self.factory.gate.release()
+
+    def _armHandshakeDeadline(self) -> None:
+        """
+        Give the TLS handshake C{handshake_timeout} seconds from now (from
+        accept); bytes from the client do not move the deadline.
+        """
+        self._handshakeDeadline = self.factory.reactor.callLater(
+            self.factory.timeouts.handshake, self._handshakeTimedOut
+        )
+
+    def _cancelHandshakeDeadline(self) -> None:
+        deadline, self._handshakeDeadline = self._handshakeDeadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _handshakeTimedOut(self) -> None:
+        """
+        The handshake deadline passed: abort the client connection.
+        """
+        self._handshakeDeadline = None
+        if self.phase is not Phase.HANDSHAKING:
+            return
+        self.log.info(
+            "Listener {listener}: closing {peer}: {reason}"
+            " (TLS handshake not complete after {timeout}s)",
+            listener=self.factory.listenerName,
+            peer=self._peer,
+            reason=CloseReason.HANDSHAKE_TIMEOUT,
+            timeout=self.factory.timeouts.handshake,
+        )
+        self._noteClose(CloseReason.HANDSHAKE_TIMEOUT)
+        self.transport.abortConnection()
+
+    def _limitPhase(self, phase: Phase) -> None:
+        """
+        Start and stop the timers that bound each phase: the idle timer
+        runs from C{RELAYING} on, and is restarted on entering C{CLOSING},
+        where it bounds how long closing may take.
+        """
+        if phase is Phase.RELAYING or phase is Phase.CLOSING:
+            self._cancelHandshakeDeadline()
+            if self._idle is None:
+                self._idle = IdleTimer(
+                    self.factory.reactor, self.factory.timeouts.idle, self._idleTimedOut
+                )
+            self._idle.start()
+        elif phase is Phase.CLOSED:
+            self._cancelHandshakeDeadline()
+            if self._idle is not None:
+                self._idle.stop()
+
+    def _idleTimedOut(self) -> None:
+        """
+        No byte either way for C{idle_timeout} seconds: close both sides,
+        or, if they were already being closed, abort them.
+        """
+        fields = dict(
+            listener=self.factory.listenerName,
+            peer=self._peer,
+            timeout=self.factory.timeouts.idle,
+        )
+        if self.phase is Phase.RELAYING:
+            self.log.info(
+                "Listener {listener}: closing {peer}: {reason}"
+                " (no data either way for {timeout}s)",
+                reason=CloseReason.IDLE_TIMEOUT,
+                **fields,
+            )
+            self.closeNow(CloseReason.IDLE_TIMEOUT)
+        elif self.phase is Phase.CLOSING:
+            self.log.info(
+                "Listener {listener}: aborting {peer}: not closed {timeout}s after closing began",
+                reason="close_timeout",
+                **fields,
+            )
+            self.abort()
 
     # -- backend selection ----------------------------------------------------
 
@@ -498,6 +659,7 @@ class ProxyServerProtocol(Protocol):
         if member is None:
             self._noBackend()
             return
+        self.factory.metrics.picked(self.factory.pool.name, _hostPort(member.address, member.port))
         self._attempts += 1
         attempt = _BackendConnector(self, member)
         self._attempt = attempt
@@ -518,6 +680,9 @@ class ProxyServerProtocol(Protocol):
         self._attempt = None
         member = attempt.member
         member.connectFailed()
+        self.factory.metrics.connectFailed(
+            self.factory.pool.name, _hostPort(member.address, member.port)
+        )
         self._failedMembers.append(member)
         self.log.warn(
             "Listener {listener}: backend {backend} failed for {peer}"
@@ -630,6 +795,9 @@ class ProxyServerProtocol(Protocol):
         if backend is not self._backend or self.phase is not Phase.RELAYING:
             return
         self._bytesOut += len(data)
+        if self._idle is not None:
+            self._idle.touch()
+        self.factory.metrics.toClient(len(data))
         self.transport.write(data)
 
     def _backendEOF(self, backend: BackendProtocol) -> None:
@@ -674,6 +842,9 @@ class ProxyServerProtocol(Protocol):
         """
         assert self._backend is not None
         self._bytesIn += len(data)
+        if self._idle is not None:
+            self._idle.touch()
+        self.factory.metrics.fromClient(len(data))
         self._backend.transport.write(data)
 
     def _stopBackendFeedingClient(self) -> None:
@@ -731,6 +902,60 @@ class ProxyServerProtocol(Protocol):
             return
         self._enter(Phase.CLOSED)
         self._logAccess()
+        self.factory.metrics.connectionClosed(self._closeReason or CloseReason.CLIENT_CLOSED)
+        if self.connectionId is not None:
+            self.factory.connections.remove(self.connectionId)
+
+    # -- operator and shutdown ------------------------------------------------
+
+    def describe(self) -> ConnectionInfo:
+        """
+        A snapshot of this connection for the admin console and the status
+        endpoint (L{mtlsproxy.drain.RegisteredConnection}).
+        """
+        identity = self._tlsFacts.identity
+        return ConnectionInfo(
+            id=self.connectionId or 0,
+            listener=self.factory.listenerName,
+            peer=self._peer,
+            phase=self.phase.value,
+            started=self._started,
+            subject=getattr(identity, "subject", None),
+            serial=getattr(identity, "serial", None),
+            fingerprint=getattr(identity, "fingerprint", None),
+            backend=self._backendAddress,
+            pool=self.factory.pool.name,
+            bytesIn=self._bytesIn,
+            bytesOut=self._bytesOut,
+        )
+
+    def closeNow(self, reason: str = CloseReason.OPERATOR) -> None:
+        """
+        Close both sides, each after its pending data is flushed (TLS sends
+        close_notify), whatever the phase; C{reason} becomes the access
+        event's C{close_reason}.  Nothing happens once closed.
+        """
+        if self.phase in (Phase.NEW, Phase.CLOSED):
+            return
+        self._noteClose(reason)
+        self._enter(Phase.CLOSING)
+        self._pending = []
+        self._cancelAttempt()
+        self._stopBackendFeedingClient()
+        self._stopClientFeedingBackend()
+        self._closeClient()
+        self._closeBackend()
+        self._finishIfDone()
+
+    def abort(self) -> None:
+        """
+        Drop both connections now, without flushing (after L{closeNow} did
+        not end them: a peer that does not read).
+        """
+        if not self._clientGone:
+            self.transport.abortConnection()
+        if self._backend is not None and not self._backendGone:
+            self._backend.transport.abortConnection()
 
     def _logAccess(self) -> None:
         """

@@ -94,15 +94,46 @@ class ProxyService(MultiService):
         self.loaded = loaded
         config = loaded.config
         self.pools: dict[str, Pool] = {
-            p.name: Pool.fromConfig(p, selectorFactory(p.selector).newSelector())
+            p.name: Pool.fromConfig(p, selectorFactory(p.selector).newSelector(), clock=reactor)
             for p in config.pools
         }
+        self.healthMonitors: dict[str, Any] = {}
+        for index, poolConfig in enumerate(config.pools):
+            if poolConfig.health_check is not None:
+                self._startHealthChecks(index, poolConfig)
         self.listeners: dict[str, ListenerService] = {}
         for listenerConfig in config.listeners:
             factory = self._factoryFor(listenerConfig)
             listener = ListenerService(reactor, listenerConfig, factory)
             listener.setServiceParent(self)
             self.listeners[listenerConfig.name] = listener
+
+    def _backendTLSFor(self, poolName: str) -> Any:
+        """
+        The pool's backend TLS settings (with C{clientConnectionCreator}),
+        or L{None} when its members speak plain TCP.
+        """
+        return getattr(self, "backendTLS", {}).get(poolName)
+
+    def _startHealthChecks(self, index: int, poolConfig: Any) -> None:
+        """
+        Attach a L{HealthMonitor} for one pool with a C{health_check} table.
+        """
+        from .health import HealthMonitor, makeChecker
+        from .plugins import healthCheckerFactoriesByName
+
+        checker = makeChecker(
+            poolConfig.health_check,
+            self._reactor,
+            self._backendTLSFor(poolConfig.name),
+            healthCheckerFactoriesByName(),
+            f"pools[{index}].health_check",
+        )
+        monitor = HealthMonitor(
+            self._reactor, self.pools[poolConfig.name], checker, poolConfig.health_check
+        )
+        monitor.setServiceParent(self)
+        self.healthMonitors[poolConfig.name] = monitor
 
     def _factoryFor(self, listenerConfig: Any) -> Any:
         from .relay import ProxyServerFactory

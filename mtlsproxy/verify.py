@@ -66,6 +66,7 @@ __all__ = [
     "logHandshakeFailure",
     "peerIdentity",
     "reasonForVerifyError",
+    "rejectionReason",
     "verifyErrorString",
 ]
 
@@ -245,8 +246,34 @@ _LEAF_NONE: Final[Mapping[str, None]] = {
 # logged, so that logHandshakeFailure does not log it a second time.
 _rejectionLogged: weakref.WeakSet[object] = weakref.WeakSet()
 
+# The reason logged for each of them, for rejectionReason (metrics).
+_rejectionReasons: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
-def _markLogged(connection: SSL.Connection | None, tlsProtocol: object) -> bool:
+
+def rejectionReason(connectionOrTransport: object) -> str | None:
+    """
+    The C{reason} of the rejection logged for a connection whose handshake
+    failed (L{UNKNOWN_CA}, L{REVOKED}, L{NO_CERTIFICATE}, ...), or L{None}
+    if none was logged (the client went away without a TLS error).  The
+    relay calls it from C{connectionLost} to count failed handshakes by
+    reason.
+
+    @param connectionOrTransport: The L{SSL.Connection} or its TLS
+        transport.
+    """
+    for item in (connectionOrTransport, _connectionOf(connectionOrTransport)):
+        try:
+            reason = _rejectionReasons.get(item) if item is not None else None
+        except TypeError:
+            reason = None
+        if reason is not None:
+            return reason
+    return None
+
+
+def _markLogged(
+    connection: SSL.Connection | None, tlsProtocol: object, reason: str | None = None
+) -> bool:
     """
     Record that the rejection of a connection has been logged.
 
@@ -266,6 +293,8 @@ def _markLogged(connection: SSL.Connection | None, tlsProtocol: object) -> bool:
     for item in known:
         try:
             _rejectionLogged.add(item)
+            if reason is not None:
+                _rejectionReasons[item] = reason
         except TypeError:
             pass
     return True
@@ -502,7 +531,7 @@ class ClientCertificateVerifier:
         try:
             return self._problem(connection, certificate, errorNumber, errorDepth)
         except Exception:
-            _markLogged(connection, connection.get_app_data())
+            _markLogged(connection, connection.get_app_data(), INTERNAL_ERROR)
             fields: dict[str, Any] = dict(
                 _LEAF_NONE,
                 reason=INTERNAL_ERROR,
@@ -569,7 +598,7 @@ class ClientCertificateVerifier:
                 revocationDate=_revocationDate(entry),
                 revocationReason=_revocationReason(entry),
             )
-        _markLogged(connection, connection.get_app_data())
+        _markLogged(connection, connection.get_app_data(), reason)
         log.warn(REJECTED_FORMAT, **fields)
         return False
 
@@ -626,10 +655,10 @@ def _logHandshakeFailure(
     """
     if not isinstance(reason.value, SSL.Error):
         return False
-    if not _markLogged(_connectionOf(tlsProtocol), tlsProtocol):
-        return False
     texts = _openSSLReasons(reason.value)
     why = NO_CERTIFICATE if _NO_CERTIFICATE_TEXT in texts else HANDSHAKE_FAILED
+    if not _markLogged(_connectionOf(tlsProtocol), tlsProtocol, why):
+        return False
     fields: dict[str, Any] = dict(
         _LEAF_NONE,
         reason=why,

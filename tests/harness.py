@@ -105,13 +105,13 @@ class EchoBackend:
     @ivar accepted: how many connections it has accepted.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, port: int = 0) -> None:
         self.name = name
         self.accepted = 0
         self.received: list[bytes] = []
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", port))
         self._sock.listen(128)
         self.port = self._sock.getsockname()[1]
         self._stopped = False
@@ -173,11 +173,13 @@ class ProxyProcess:
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.ports: dict[str, int] = {}
 
-    def start(self, listeners: int = 1, timeout: float = 20.0) -> "ProxyProcess":
+    def start(self, listeners: int = 1, timeout: float = 20.0,
+              env: Optional[dict[str, str]] = None) -> "ProxyProcess":
         self.process = subprocess.Popen(
             [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logfile,
              "mtlsproxy", "--config", self.config],
             cwd=self.directory,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
