@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .config import ListenerConfig, ProxyConfig
+from .config import CertificateConfig, ListenerConfig, ProxyConfig
 from .errors import ConfigurationError
 from .material import (
     ListenerMaterial,
@@ -33,7 +33,8 @@ from .material import (
     ServerCertificate,
     loadCertificates,
     loadCRLs,
-    loadPrivateKey,
+    loadServerCertificate,
+    sourceKey,
 )
 
 __all__ = [
@@ -56,7 +57,7 @@ class LoadedConfiguration:
     A configuration that passed the start-up checks, with its material.
 
     @ivar config: The configuration.
-    @ivar listeners: The material of each C{protocol = "tls"} listener, by
+    @ivar listeners: The material of each C{tls} and C{https} listener, by
         listener name; C{tcp} listeners have no entry.
     @ivar warnings: One line each: problems that do not stop the proxy.
     """
@@ -83,11 +84,12 @@ def checkConfiguration(config: ProxyConfig, now: datetime) -> LoadedConfiguratio
     now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now
     warnings: list[str] = []
     listeners: dict[str, ListenerMaterial] = {}
+    soon = timedelta(days=getattr(config, "expiry_warning_days", EXPIRY_WARNING.days))
     try:
         for index, listener in enumerate(config.listeners):
-            if listener.protocol == "tls":
+            if listener.protocol in ("tls", "https"):
                 listeners[listener.name] = _checkListener(
-                    listener, f"listeners[{index}]", now, warnings
+                    listener, f"listeners[{index}]", now, warnings, soon
                 )
         _checkPools(config, warnings)
     except ConfigurationError as e:
@@ -150,76 +152,156 @@ def _inChain(number: int, cert: x509.Certificate) -> str:
 
 
 def _checkListener(
-    listener: ListenerConfig, where: str, now: datetime, warnings: list[str]
+    listener: ListenerConfig,
+    where: str,
+    now: datetime,
+    warnings: list[str],
+    soon: timedelta = EXPIRY_WARNING,
 ) -> ListenerMaterial:
     """
-    Load and check the material of one TLS listener.
+    Load and check the material of one TLS listener: its certificates, and
+    the CAs and CRLs of the listener and of each certificate entry that has
+    its own.
 
     @param where: The listener's key path, C{listeners[0]}.
     @param warnings: Where warnings are appended.
+    @param soon: Warn about certificates that expire sooner than this.
     """
+    sources: dict[bytes, str] = {}
     servers = [
         _checkServerCertificate(
-            listener,
-            certificate.cert,
-            certificate.key,
-            f"{where}.certificates[{index}]",
-            now,
-            warnings,
+            listener, certificate, f"{where}.certificates[{index}]", now, warnings, soon, sources
         )
         for index, certificate in enumerate(listener.certificates)
     ]
+    cas = _checkCAs(listener, listener.ca_certificates, where, now, warnings, soon, sources)
+    crls = _checkCRLs(listener, listener.crls, where, cas, now, warnings, sources)
+    listenerCAsUsed = False
+    entries = []
+    for index, (certificate, server) in enumerate(zip(listener.certificates, servers)):
+        clientAuth = listener.certificateSettings(index)[0]
+        if certificate.ca_certificates is None and certificate.crls is None:
+            listenerCAsUsed = listenerCAsUsed or clientAuth != "off"
+            entries.append(server)
+            continue
+        entryWhere = f"{where}.certificates[{index}]"
+        entryCAs = cas
+        if certificate.ca_certificates is not None:
+            entryCAs = _checkCAs(
+                listener, certificate.ca_certificates, entryWhere, now, warnings, soon, sources
+            )
+        else:
+            listenerCAsUsed = listenerCAsUsed or clientAuth != "off"
+        crlPaths, crlWhere = (
+            (listener.crls, where) if certificate.crls is None else (certificate.crls, entryWhere)
+        )
+        entryCRLs = _checkCRLs(listener, crlPaths, crlWhere, entryCAs, now, warnings, sources)
+        _checkCoverage(
+            listener, entryCAs, entryCRLs, warnings, clientAuth, f"certificates[{index}]"
+        )
+        entries.append(attrs.evolve(server, cas=entryCAs, crls=entryCRLs))
+    _checkCoverage(listener, cas, crls, warnings, "on" if listenerCAsUsed else "off")
+    first, *others = entries
+    return ListenerMaterial(
+        first.chain,
+        first.key,
+        cas,
+        crls,
+        tuple(others),
+        entries=tuple(entries),
+        sources=sources,
+    )
+
+
+def _checkCAs(
+    listener: ListenerConfig,
+    paths: Sequence[str],
+    where: str,
+    now: datetime,
+    warnings: list[str],
+    soon: timedelta,
+    sources: dict[bytes, str],
+) -> tuple[x509.Certificate, ...]:
+    """
+    Load and check the CA certificates of C{paths} (the C{ca_certificates}
+    at key path C{where}).
+    """
     cas: list[x509.Certificate] = []
-    for index, path in enumerate(listener.ca_certificates):
+    for index, path in enumerate(paths):
         loaded = loadCertificates(path, f"{where}.ca_certificates[{index}]")
         for ca in loaded:
-            _checkCA(listener, ca, path, now, warnings)
+            _checkCA(listener, ca, path, now, warnings, soon)
+            sources.setdefault(sourceKey(ca), path)
         cas.extend(loaded)
+    return tuple(cas)
+
+
+def _checkCRLs(
+    listener: ListenerConfig,
+    paths: Sequence[str],
+    where: str,
+    cas: Sequence[x509.Certificate],
+    now: datetime,
+    warnings: list[str],
+    sources: dict[bytes, str],
+) -> tuple[x509.CertificateRevocationList, ...]:
+    """
+    Load and check the CRLs of C{paths} (the C{crls} at key path C{where}),
+    each of which one of C{cas} must have signed.
+    """
     crls: list[x509.CertificateRevocationList] = []
-    for index, path in enumerate(listener.crls):
+    for index, path in enumerate(paths):
         lists = loadCRLs(path, f"{where}.crls[{index}]")
         for number, crl in enumerate(lists, 1):
             label = f"CRL {number} in {path}" if len(lists) > 1 else f"the CRL in {path}"
             _checkCRL(listener, crl, label, cas, f"{where}.crls[{index}]", now, warnings)
+            sources.setdefault(sourceKey(crl), path)
         crls.extend(lists)
-    _checkCoverage(listener, cas, crls, warnings)
-    first, *others = servers
-    return ListenerMaterial(first.chain, first.key, tuple(cas), tuple(crls), tuple(others))
+    return tuple(crls)
 
 
 def _checkServerCertificate(
     listener: ListenerConfig,
-    certPath: str,
-    keyPath: str,
+    certificate: CertificateConfig,
     where: str,
     now: datetime,
     warnings: list[str],
+    soon: timedelta = EXPIRY_WARNING,
+    sources: dict[bytes, str] | None = None,
 ) -> ServerCertificate:
     """
-    Load one server chain and its key; check that the key belongs to the
-    first certificate, that each certificate was issued by the next, and
-    that all of them are valid now.
+    Load one server chain and its key (PEM or PKCS#12); check that the key
+    belongs to the first certificate, that each certificate was issued by
+    the next, and that all of them are valid now.
 
     @param where: The key path of the C{[[listeners.certificates]]} entry.
     """
-    chain = loadCertificates(certPath, f"{where}.cert")
-    key = loadPrivateKey(keyPath, f"{where}.key")
-    _checkKeyMatches(chain, key, certPath, keyPath, f"{where}.key")
-    _checkChainOrder(chain, certPath, f"{where}.cert")
+    loaded = loadServerCertificate(certificate, where)
+    chain, key = loaded.chain, loaded.key
+    certPath = certificate.source
+    if certificate.pkcs12 is not None:
+        keyPath, keyWhere, certWhere = certPath, f"{where}.pkcs12", f"{where}.pkcs12"
+    else:
+        keyPath, keyWhere, certWhere = str(certificate.key), f"{where}.key", f"{where}.cert"
+    _checkKeyMatches(chain, key, certPath, keyPath, keyWhere)
+    _checkChainOrder(chain, certPath, certWhere)
+    if sources is not None:
+        for cert in chain:
+            sources.setdefault(sourceKey(cert), certPath)
     for number, cert in enumerate(chain, 1):
         which = f"{_inChain(number, cert)} in {certPath}"
         if cert.not_valid_before_utc > now:
             raise ConfigurationError(
                 f"{which} is not valid before {_when(cert.not_valid_before_utc)}",
-                key=f"{where}.cert",
+                key=certWhere,
             )
         if cert.not_valid_after_utc < now:
             raise ConfigurationError(
                 f"{which} expired on {_when(cert.not_valid_after_utc)}",
-                key=f"{where}.cert",
+                key=certWhere,
             )
         left = cert.not_valid_after_utc - now
-        if left < EXPIRY_WARNING:
+        if left < soon:
             warnings.append(
                 f"listener {listener.name!r}: {which} expires on"
                 f" {_when(cert.not_valid_after_utc)}, {_inDays(left)}"
@@ -299,6 +381,7 @@ def _checkCA(
     path: str,
     now: datetime,
     warnings: list[str],
+    soon: timedelta = EXPIRY_WARNING,
 ) -> None:
     """
     Warn about a CA certificate that is not a CA, has expired or expires
@@ -321,7 +404,7 @@ def _checkCA(
             f" {_when(ca.not_valid_after_utc)}; client certificates issued under"
             " it will be rejected"
         )
-    elif ca.not_valid_after_utc - now < EXPIRY_WARNING:
+    elif ca.not_valid_after_utc - now < soon:
         warnings.append(
             f"listener {listener.name!r}: {which} expires on"
             f" {_when(ca.not_valid_after_utc)}, {_inDays(ca.not_valid_after_utc - now)}"
@@ -394,15 +477,25 @@ def _checkCoverage(
     cas: Sequence[x509.Certificate],
     crls: Sequence[x509.CertificateRevocationList],
     warnings: list[str],
+    clientAuth: str | None = None,
+    entry: str | None = None,
 ) -> None:
     """
     Warn about CA material that will not be used, and about CAs without a
     CRL when C{crl_missing = "reject"} makes that reject their clients.
+
+    @param clientAuth: Whether the CAs are used (C{"off"} or anything else);
+        default the listener's C{client_auth}.
+    @param entry: The certificate entry (C{"certificates[1]"}) whose own
+        CAs and CRLs these are, or L{None} for the listener's.
     """
-    if listener.client_auth == "off":
-        if listener.ca_certificates or listener.crls:
+    if clientAuth is None:
+        clientAuth = listener.client_auth
+    owner = f"listener {listener.name!r}" + (f" {entry}" if entry else "")
+    if clientAuth == "off":
+        if entry is None and (listener.ca_certificates or listener.crls):
             warnings.append(
-                f"listener {listener.name!r}: ca_certificates and crls are not used"
+                f"{owner}: ca_certificates and crls are not used"
                 ' because client_auth = "off"'
             )
         return
@@ -411,11 +504,13 @@ def _checkCoverage(
     covered = {crl.issuer for crl in crls}
     for ca in cas:
         if ca.subject not in covered:
-            warnings.append(
-                f"listener {listener.name!r}: no CRL is configured for CA"
+            warning = (
+                f"{owner}: no CRL is configured for CA"
                 f' {_name(ca.subject)}; with crl_missing = "reject" client'
                 " certificates verified through it are rejected"
             )
+            if warning not in warnings:
+                warnings.append(warning)
 
 
 # ---------------------------------------------------------------------------

@@ -37,7 +37,9 @@ from .policy import DEFAULT_POLICY, POLICIES, TLS_VERSIONS, listenerPolicy, poli
 
 __all__ = [
     "AdminConfig",
+    "BackendTLSConfig",
     "CertificateConfig",
+    "RouteConfig",
     "ListenerConfig",
     "LoggingConfig",
     "MemberConfig",
@@ -50,8 +52,8 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-Protocol = Literal["tcp", "tls"]
-ClientAuth = Literal["off", "optional", "required"]
+Protocol = Literal["tcp", "tls", "https"]
+ClientAuth = Literal["off", "optional", "required", "passthrough"]
 CRLPolicy = Literal["reject", "allow"]
 
 # ---------------------------------------------------------------------------
@@ -85,6 +87,7 @@ class _Key:
 
     load: _Loader
     tlsOnly: bool = False
+    httpsOnly: bool = False
 
 
 def _plain(value: object, keyPath: str, baseDirectory: str) -> object:
@@ -160,11 +163,11 @@ def _table(cls: type[Any]) -> _Loader:
     return load
 
 
-def _key(load: _Loader = _plain, tlsOnly: bool = False) -> dict[str, _Key]:
+def _key(load: _Loader = _plain, tlsOnly: bool = False, httpsOnly: bool = False) -> dict[str, _Key]:
     """
     The attrs C{metadata} that makes an attribute a TOML key.
     """
-    return {_KEY: _Key(load, tlsOnly)}
+    return {_KEY: _Key(load, tlsOnly, httpsOnly)}
 
 
 def _tomlFields(cls: type[Any]) -> list[tuple[attrs.Attribute[Any], _Key]]:
@@ -566,6 +569,85 @@ class CertificateConfig:
         return self.pkcs12 if self.pkcs12 is not None else str(self.cert)
 
 
+def _hostPattern(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate L{None} or a route's host or SNI pattern (C{"a.example.com"},
+    C{"*.example.com"}).
+    """
+    from .routing import hostPatternProblem
+
+    if value is not None:
+        problem = hostPatternProblem(value)
+        if problem is not None:
+            raise ConfigurationError(problem, key=attribute.name)
+
+
+def _pathPrefix(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate L{None} or a route's path prefix (C{"/v1/"}).
+    """
+    from .routing import pathPrefixProblem
+
+    if value is not None:
+        problem = pathPrefixProblem(value)
+        if problem is not None:
+            raise ConfigurationError(problem, key=attribute.name)
+
+
+def _networks(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate a tuple of CIDR blocks or addresses (C{"10.0.0.0/8"},
+    C{"127.0.0.1"}, C{"::1/128"}).
+    """
+    import ipaddress
+
+    if not isinstance(value, tuple):
+        raise _refuse(attribute, 'an array of CIDR blocks such as ["10.0.0.0/8"]', value)
+    for index, item in enumerate(value):
+        try:
+            if not isinstance(item, str):
+                raise ValueError()
+            ipaddress.ip_network(item, strict=True)
+        except ValueError:
+            raise ConfigurationError(
+                f'expected a CIDR block such as "10.0.0.0/8" or an address (no host bits'
+                f" set after the prefix); got {_describe(item)}",
+                key=f"{attribute.name}[{index}]",
+            ) from None
+
+
+@attrs.frozen
+class RouteConfig:
+    """
+    One routing rule of a listener (C{[[listeners.routes]]}), see
+    L{mtlsproxy.routing}: traffic that matches all its conditions goes to
+    C{pool} instead of the listener's.
+
+    @ivar pool: The pool matching traffic is sent to.
+    @ivar host: The request's C{Host}, exact or C{"*.example.com"}
+        (C{https} only), or L{None}.
+    @ivar path_prefix: Path segments the request path starts with
+        (C{https} only), or L{None}.
+    @ivar sni: The TLS server name, same syntax as C{host}, or L{None}.
+    """
+
+    pool: str = attrs.field(validator=_nonEmptyString, metadata=_key())
+    host: str | None = attrs.field(default=None, validator=_hostPattern, metadata=_key())
+    path_prefix: str | None = attrs.field(default=None, validator=_pathPrefix, metadata=_key())
+    sni: str | None = attrs.field(default=None, validator=_hostPattern, metadata=_key())
+
+    def __attrs_post_init__(self) -> None:
+        """
+        A route matches on something; the listener's C{pool} is the
+        catch-all.
+        """
+        if self.host is None and self.path_prefix is None and self.sni is None:
+            raise ConfigurationError(
+                "a route needs at least one of host, path_prefix or sni (the"
+                " listener's pool takes everything else)"
+            )
+
+
 @attrs.frozen
 class ListenerConfig:
     """
@@ -613,15 +695,27 @@ class ListenerConfig:
         connection is closed; also the most a connection may take to close.
     @ivar max_connections: Client connections open at once; at this many the
         listener stops accepting until one closes.
+    @ivar routes: Routing rules tried in order before C{pool}
+        (L{mtlsproxy.routing}).
+    @ivar client_identity_headers: C{https}: how backends are told the
+        client certificate: C{"none"}, C{"xfcc"}, C{"rfc9440"}, C{"simple"}
+        (L{mtlsproxy.identity}); incoming ones are always removed.
+    @ivar xfcc_include_cert: C{https}: add C{Cert=} (the URL-encoded PEM) to
+        C{X-Forwarded-Client-Cert}.
+    @ivar response_timeout: C{https}: seconds from a completely forwarded
+        request to the start of its response (else 504).
+    @ivar accept_proxy_protocol: Every connection starts with a PROXY
+        header (v1 or v2) from a trusted load balancer.
+    @ivar trusted_proxies: The CIDR blocks PROXY headers are accepted from.
     """
 
     name: str = attrs.field(validator=_nonEmptyString, metadata=_key())
     endpoint: str = attrs.field(validator=_endpoint, metadata=_key())
-    protocol: Protocol = attrs.field(validator=_oneOf("tcp", "tls"), metadata=_key())
+    protocol: Protocol = attrs.field(validator=_oneOf("tcp", "tls", "https"), metadata=_key())
     pool: str = attrs.field(validator=_nonEmptyString, metadata=_key())
     client_auth: ClientAuth = attrs.field(
         default="off",
-        validator=_oneOf("off", "optional", "required"),
+        validator=_oneOf("off", "optional", "required", "passthrough"),
         metadata=_key(tlsOnly=True),
     )
     ca_certificates: tuple[str, ...] = attrs.field(
@@ -699,11 +793,34 @@ class ListenerConfig:
     max_connections: int = attrs.field(
         default=10000, validator=_integer(1, 1_000_000), metadata=_key()
     )
+    # HTTPS, routes, client identity, PROXY protocol (docs/https.md,
+    # docs/client-identity.md).
+    routes: tuple[RouteConfig, ...] = attrs.field(
+        default=(),
+        validator=_tuplesOf(RouteConfig, "listeners.routes"),
+        metadata=_key(_tables(RouteConfig)),
+    )
+    client_identity_headers: str = attrs.field(
+        default="none",
+        validator=_oneOf("none", "xfcc", "rfc9440", "simple"),
+        metadata=_key(httpsOnly=True),
+    )
+    xfcc_include_cert: bool = attrs.field(
+        default=False, validator=_boolean, metadata=_key(httpsOnly=True)
+    )
+    response_timeout: float = attrs.field(
+        default=60.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key(httpsOnly=True)
+    )
+    accept_proxy_protocol: bool = attrs.field(default=False, validator=_boolean, metadata=_key())
+    trusted_proxies: tuple[str, ...] = attrs.field(
+        default=(), converter=_toTuple, validator=_networks, metadata=_key()
+    )
 
     def __attrs_post_init__(self) -> None:
         """
         Check the settings that depend on each other.
         """
+        _checkLayer7(self)
         if self.protocol == "tcp":
             for field, spec in _tomlFields(type(self)):
                 if spec.tlsOnly and getattr(self, field.name) != field.default:
@@ -715,7 +832,7 @@ class ListenerConfig:
             return
         if not self.certificates:
             raise ConfigurationError(
-                'protocol = "tls" needs at least one [[listeners.certificates]]'
+                f'protocol = "{self.protocol}" needs at least one [[listeners.certificates]]'
                 " table (cert and key)",
                 key="certificates",
             )
@@ -768,9 +885,57 @@ class ListenerConfig:
     @property
     def tls(self) -> bool:
         """
-        Does this listener terminate TLS?
+        Does this listener terminate TLS (C{tls} and C{https})?
         """
-        return self.protocol == "tls"
+        return self.protocol in ("tls", "https")
+
+
+def _checkLayer7(listener: ListenerConfig) -> None:
+    """
+    Check the HTTPS, routing, PROXY protocol and passthrough settings that
+    depend on each other or on C{protocol}.
+    """
+    if listener.protocol != "https":
+        for field, spec in _tomlFields(type(listener)):
+            if spec.httpsOnly and getattr(listener, field.name) != field.default:
+                raise ConfigurationError(
+                    f'only allowed with protocol = "https"; this listener has'
+                    f' protocol = "{listener.protocol}"',
+                    key=field.name,
+                )
+    for index, route in enumerate(listener.routes):
+        if listener.protocol == "tcp":
+            raise ConfigurationError(
+                'routes need protocol = "tls" (by sni) or "https" (by host, path_prefix, sni)',
+                key=f"routes[{index}]",
+            )
+        if listener.protocol == "tls":
+            for name in ("host", "path_prefix"):
+                if getattr(route, name) is not None:
+                    raise ConfigurationError(
+                        f'{name} needs protocol = "https"; a "tls" listener routes by sni only',
+                        key=f"routes[{index}].{name}",
+                    )
+    if listener.accept_proxy_protocol and not listener.trusted_proxies:
+        raise ConfigurationError(
+            "accept_proxy_protocol = true needs trusted_proxies: the addresses of the"
+            " load balancers that may send PROXY headers",
+            key="trusted_proxies",
+        )
+    if listener.trusted_proxies and not listener.accept_proxy_protocol:
+        raise ConfigurationError(
+            "only used with accept_proxy_protocol = true", key="trusted_proxies"
+        )
+    if (
+        listener.protocol == "https"
+        and listener.client_auth == "passthrough"
+        and listener.client_identity_headers == "none"
+    ):
+        raise ConfigurationError(
+            'client_auth = "passthrough" lets the backend decide, so it must be told:'
+            ' set client_identity_headers to "xfcc", "rfc9440" or "simple"',
+            key="client_identity_headers",
+        )
 
 
 @attrs.frozen
@@ -790,6 +955,69 @@ class MemberConfig:
 
 
 @attrs.frozen
+class BackendTLSConfig:
+    """
+    Mutual TLS to the members of a pool (C{[pools.tls]}); see
+    C{docs/backend-tls.md} and L{mtlsproxy.backendtls}.
+
+    @ivar ca_certificates: Absolute paths of PEM files with the CAs that
+        issue the members' certificates (the only trust anchors).
+    @ivar crls: Absolute paths of CRL files of those CAs; without any,
+        revocation is not checked.
+    @ivar server_name: The name the members' certificates must be valid
+        for, also sent as SNI; L{None} for each member's address.
+    @ivar cert: Absolute path of the proxy's client certificate chain (PEM,
+        leaf first), or L{None} to present none.
+    @ivar key: Absolute path of its PEM private key (required with C{cert}).
+    @ivar min_version: The oldest TLS version used, C{"1.2"} or C{"1.3"}.
+    @ivar crl_missing: C{"reject"} or C{"allow"} a member certificate whose
+        chain has a CA without a configured CRL (when C{crls} are set).
+    @ivar crl_expired: C{"reject"} or C{"allow"} a member certificate
+        checked against a CRL past its nextUpdate.
+    """
+
+    ca_certificates: tuple[str, ...] = attrs.field(
+        converter=_toTuple, validator=_filePaths, metadata=_key(_paths)
+    )
+    crls: tuple[str, ...] = attrs.field(
+        default=(), converter=_toTuple, validator=_filePaths, metadata=_key(_paths)
+    )
+    server_name: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_nonEmptyString), metadata=_key()
+    )
+    cert: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_filePath), metadata=_key(_path)
+    )
+    key: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_filePath), metadata=_key(_path)
+    )
+    min_version: str = attrs.field(default="1.2", validator=_oneOf("1.2", "1.3"), metadata=_key())
+    crl_missing: CRLPolicy = attrs.field(
+        default="reject", validator=_oneOf("reject", "allow"), metadata=_key()
+    )
+    crl_expired: CRLPolicy = attrs.field(
+        default="reject", validator=_oneOf("reject", "allow"), metadata=_key()
+    )
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Check the settings that depend on each other.
+        """
+        if not self.ca_certificates:
+            raise ConfigurationError(
+                "at least one CA file is needed to verify the members' certificates"
+                " (the system's CAs are never used)",
+                key="ca_certificates",
+            )
+        if (self.cert is None) != (self.key is None):
+            missing = "key" if self.key is None else "cert"
+            raise ConfigurationError(
+                "cert and key go together: the client certificate and its private key",
+                key=missing,
+            )
+
+
+@attrs.frozen
 class PoolConfig:
     """
     A group of backend servers (C{[[pools]]}).
@@ -801,6 +1029,12 @@ class PoolConfig:
     @ivar connect_timeout: Seconds to wait for a backend connection.
     @ivar max_connect_attempts: Members tried for one client connection
         before giving up.
+    @ivar tls: Mutual TLS to the members (C{[pools.tls]}), or L{None} for
+        plain TCP.
+    @ivar proxy_protocol: C{"none"}, C{"v1"} or C{"v2"}: the PROXY header
+        written first on every connection to a member.
+    @ivar proxy_protocol_certificate: Add the client certificate (DER) to
+        the v2 header, in TLV 0xE0.
     """
 
     name: str = attrs.field(validator=_nonEmptyString, metadata=_key())
@@ -829,12 +1063,28 @@ class PoolConfig:
     eject_backoff_max: float = attrs.field(
         default=300.0, converter=_toFloat, validator=_positiveSeconds, metadata=_key()
     )
+    tls: BackendTLSConfig | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of(BackendTLSConfig)),
+        metadata=_key(_table(BackendTLSConfig)),
+    )
+    proxy_protocol: str = attrs.field(
+        default="none", validator=_oneOf("none", "v1", "v2"), metadata=_key()
+    )
+    proxy_protocol_certificate: bool = attrs.field(
+        default=False, validator=_boolean, metadata=_key()
+    )
 
     def __attrs_post_init__(self) -> None:
         """
         Refuse the same backend twice: members are told apart by address
         and port.  Check the passive ejection settings together.
         """
+        if self.proxy_protocol_certificate and self.proxy_protocol != "v2":
+            raise ConfigurationError(
+                'only allowed with proxy_protocol = "v2" (a v1 header has no room for it)',
+                key="proxy_protocol_certificate",
+            )
         from .health import PassiveEjectionConfig
 
         PassiveEjectionConfig(
@@ -1085,6 +1335,7 @@ class ProxyConfig:
                         f"unknown pool {listener.pool!r}; defined pools: {', '.join(pools)}",
                         key=f"listeners[{index}].pool",
                     )
+            _checkRoutePools(self)
         except ConfigurationError as e:
             raise e.inFile(self.path) from None
 
@@ -1098,6 +1349,31 @@ class ProxyConfig:
             if pool.name == name:
                 return pool
         raise KeyError(name)
+
+
+def _checkRoutePools(config: ProxyConfig) -> None:
+    """
+    Refuse a route to an unknown pool, and a C{client_auth = "passthrough"}
+    C{tls} listener with a pool that would not tell its backends the
+    verification result (C{proxy_protocol = "v2"} does).
+    """
+    pools = {pool.name: pool for pool in config.pools}
+    for index, listener in enumerate(config.listeners):
+        for number, route in enumerate(listener.routes):
+            if route.pool not in pools:
+                raise ConfigurationError(
+                    f"unknown pool {route.pool!r}; defined pools: {', '.join(pools)}",
+                    key=f"listeners[{index}].routes[{number}].pool",
+                )
+        if listener.protocol == "tls" and listener.client_auth == "passthrough":
+            for name in [listener.pool] + [route.pool for route in listener.routes]:
+                if pools[name].proxy_protocol != "v2":
+                    raise ConfigurationError(
+                        f'client_auth = "passthrough" on a tls listener lets the backend'
+                        f' decide, so it must be told: pool {name!r} needs'
+                        f' proxy_protocol = "v2"',
+                        key=f"listeners[{index}].client_auth",
+                    )
 
 
 def _unique(table: str, names: Sequence[str], what: str) -> None:

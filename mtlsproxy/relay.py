@@ -48,6 +48,7 @@ from .drain import ConnectionInfo, ConnectionRegistry
 from .limits import ConnectionGate, IdleTimer, Timeouts
 from .metrics import NO_METRICS, ListenerMetrics
 from .pool import ConnectionFacts, Member, Pool
+from .routing import ConnectionRouter, RouteTarget
 from .verify import peerIdentity, rejectionReason
 
 __all__ = [
@@ -186,6 +187,21 @@ def _tlsFactsOf(transport: Any) -> _TLSFacts:
     )
 
 
+def _noDelay(transport: Any) -> None:
+    """
+    Turn off Nagle's algorithm on a TCP transport (or the one under a TLS
+    transport).  A relay writes what it read at once; a small write held
+    back until the peer's delayed ACK (up to 40 ms) would stall TLS
+    handshakes, session tickets and short replies.
+    """
+    setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setTcpNoDelay is not None:
+        try:
+            setTcpNoDelay(True)
+        except OSError:
+            pass
+
+
 def _hostPort(host: str, port: int) -> str:
     """
     C{host:port}, with brackets around an IPv6 address.
@@ -247,10 +263,12 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
         connections: Optional[ConnectionRegistry] = None,
         timeouts: Optional[Timeouts] = None,
         gate: Optional[ConnectionGate] = None,
+        router: Optional[ConnectionRouter] = None,
     ) -> None:
         self.reactor = reactor
         self.listenerName = listenerName
         self.pool = pool
+        self.router = router
         self.connectTimeout = connectTimeout
         self.maxAttempts = maxAttempts
         self.tls = tls
@@ -258,6 +276,16 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
         self.connections = connections if connections is not None else ConnectionRegistry()
         self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.gate = gate
+
+    def routeFor(self, facts: Optional[ConnectionFacts]) -> RouteTarget:
+        """
+        Where a connection goes: what C{router} (the listener's SNI routes,
+        L{mtlsproxy.routing.Router.forConnection}) says, else C{pool} with
+        C{connectTimeout} and C{maxAttempts}.
+        """
+        if self.router is not None and facts is not None:
+            return self.router(facts)
+        return RouteTarget(self.pool, self.connectTimeout, self.maxAttempts)
 
     def buildProtocol(self, addr: Optional[IAddress]) -> ProxyServerProtocol:
         """
@@ -319,6 +347,7 @@ class BackendProtocol(Protocol):
         Report the successful attempt, count the connection on its member
         and hand it to the relay.
         """
+        _noDelay(self.transport)
         self.member.connectSucceeded()
         self.member.connectionOpened()
         self._counted = True
@@ -428,6 +457,7 @@ class ProxyServerProtocol(Protocol):
         it is not paused yet; the TLS layer delivers no data before then).
         """
         self._started = self.factory.reactor.seconds()
+        _noDelay(self.transport)
         self._peerHost, self._peerPort, self._peer = _describe(self.transport.getPeer())
         self.connectionId = self.factory.connections.add(self)
         self.factory.metrics.connectionOpened()
@@ -646,7 +676,20 @@ class ProxyServerProtocol(Protocol):
             sni=self._tlsFacts.sni,
             clientIdentity=identity,
         )
+        self._route = self.factory.routeFor(self._facts)
         self._connectNext()
+
+    _route: Optional[RouteTarget] = None
+
+    @property
+    def _target(self) -> RouteTarget:
+        """
+        The pool and its settings this connection uses: chosen by
+        L{_startConnecting}; the listener's pool before.
+        """
+        if self._route is None:
+            return self.factory.routeFor(None)
+        return self._route
 
     def _connectNext(self) -> None:
         """
@@ -654,12 +697,12 @@ class ProxyServerProtocol(Protocol):
         """
         assert self._facts is not None
         member = None
-        if self._attempts < self.factory.maxAttempts:
-            member = self.factory.pool.pick(self._facts, list(self._failedMembers))
+        if self._attempts < self._target.maxAttempts:
+            member = self._target.pool.pick(self._facts, list(self._failedMembers))
         if member is None:
             self._noBackend()
             return
-        self.factory.metrics.picked(self.factory.pool.name, _hostPort(member.address, member.port))
+        self.factory.metrics.picked(self._target.pool.name, _hostPort(member.address, member.port))
         self._attempts += 1
         attempt = _BackendConnector(self, member)
         self._attempt = attempt
@@ -667,7 +710,7 @@ class ProxyServerProtocol(Protocol):
             member.address,
             member.port,
             attempt,
-            timeout=self.factory.connectTimeout,
+            timeout=self._target.connectTimeout,
         )
 
     def _backendFailed(self, attempt: _BackendConnector, reason: Failure) -> None:
@@ -681,7 +724,7 @@ class ProxyServerProtocol(Protocol):
         member = attempt.member
         member.connectFailed()
         self.factory.metrics.connectFailed(
-            self.factory.pool.name, _hostPort(member.address, member.port)
+            self._target.pool.name, _hostPort(member.address, member.port)
         )
         self._failedMembers.append(member)
         self.log.warn(
@@ -691,7 +734,7 @@ class ProxyServerProtocol(Protocol):
             backend=_hostPort(member.address, member.port),
             peer=self._peer,
             attempt=self._attempts,
-            maxAttempts=self.factory.maxAttempts,
+            maxAttempts=self._target.maxAttempts,
             reason=reason.getErrorMessage(),
         )
         if self.phase is Phase.CONNECTING:
@@ -706,10 +749,10 @@ class ProxyServerProtocol(Protocol):
         L{noCandidateReason<mtlsproxy.pool.Pool.noCandidateReason>}
         (C{no_healthy_member}, C{members_exhausted}), or C{selector_refused}.
         """
-        if self._attempts >= self.factory.maxAttempts:
+        if self._attempts >= self._target.maxAttempts:
             why: Optional[str] = "max_attempts"
         else:
-            why = self.factory.pool.noCandidateReason(self._failedMembers)
+            why = self._target.pool.noCandidateReason(self._failedMembers)
         self.log.warn(
             "Listener {listener}: no backend for {peer} after {attempts}"
             " attempt(s): {why}",
@@ -772,6 +815,10 @@ class ProxyServerProtocol(Protocol):
         self._backend = backend
         self._backendAddress = _hostPort(member.address, member.port)
         self._enter(Phase.RELAYING)
+        # The pool's PROXY protocol header comes before any client byte.
+        preamble = self._target.preamble(self.transport)
+        if preamble:
+            backend.transport.write(preamble)
         # Each side is the other's producer: a full send buffer on one pauses
         # reading on the other.
         self.transport.registerProducer(backend.transport, True)
@@ -924,7 +971,7 @@ class ProxyServerProtocol(Protocol):
             serial=getattr(identity, "serial", None),
             fingerprint=getattr(identity, "fingerprint", None),
             backend=self._backendAddress,
-            pool=self.factory.pool.name,
+            pool=self._target.pool.name,
             bytesIn=self._bytesIn,
             bytesOut=self._bytesOut,
         )

@@ -17,7 +17,12 @@ This module holds what is ours rather than OpenSSL's:
   - L{CRLIndex}, the configured CRLs indexed by issuer, which the verify
     callback uses to describe a revocation (date, reason) in the log, and
     which status and expiry reporting can use to find CRLs that are past,
-    or close to, their nextUpdate (L{CRLIndex.status}).
+    or close to, their nextUpdate (L{CRLIndex.status});
+  - revocation of I{established} connections: OpenSSL only checks CRLs
+    during a handshake, so when a reload brings a CRL that revokes a
+    certificate a live connection was verified with (its leaf or any CA of
+    its verified chain), L{closeRevokedConnections} finds and closes it
+    (C{close_revoked_connections = true}, the default).
 
 Nothing here does I/O or blocks; an index is built once per listener
 context and only read afterwards.
@@ -27,10 +32,11 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timezone
-from typing import Final, Iterable, Literal, Mapping
+from typing import Any, Final, Iterable, Literal, Mapping, Optional
 
 import attrs
 from cryptography import x509
+from twisted.logger import Logger
 
 __all__ = [
     "CRLMissing",
@@ -42,7 +48,16 @@ __all__ = [
     "CRLIndex",
     "crlState",
     "isSelfIssued",
+    "ChainLink",
+    "REVOKED_LIVE",
+    "REVOKED_LIVE_FORMAT",
+    "Revocation",
+    "closeRevokedConnections",
+    "revocationIn",
+    "verifiedChainOf",
 ]
+
+log = Logger()
 
 
 class CRLMissing(enum.Enum):
@@ -256,3 +271,180 @@ class CRLIndex:
         How many CRLs are indexed.
         """
         return sum(len(crls) for crls in self._byIssuer.values())
+
+
+# ---------------------------------------------------------------------------
+# Live connections
+# ---------------------------------------------------------------------------
+
+REVOKED_LIVE: Final = "revoked_live"
+"""
+The C{reason} of the event logged when an established connection is closed
+because a reloaded CRL revokes a certificate of its verified chain.
+"""
+
+REVOKED_LIVE_FORMAT: Final = (
+    "Closing connection {connectionId} of {peer} on listener {listener}:"
+    " {reason}: certificate {serial} ({subject}, issued by {issuer}) is revoked"
+)
+"""
+The C{log_format} of the event (level C{warn}) logged for every connection
+L{closeRevokedConnections} closes.  Fields: C{reason} (L{REVOKED_LIVE}),
+C{connectionId}, C{peer}, C{listener}; the revoked certificate's C{serial}
+(lower-case hex), C{subject} and C{issuer} (RFC 4514) and C{depth} in the
+chain (0 is the client's own certificate); C{revocationDate} (ISO 8601) and
+C{revocationReason} from the CRL entry (or L{None}); and the client's own
+certificate as C{clientSubject} and C{clientSerial}.
+"""
+
+
+@attrs.frozen
+class ChainLink:
+    """
+    One certificate of a connection's verified chain, as far as revocation
+    is concerned.
+
+    @ivar depth: Its position, 0 for the client's own certificate.
+    @ivar serial: Its serial number.
+    @ivar subject: Its subject.
+    @ivar issuer: Its issuer, whose CRL would list it.
+    """
+
+    depth: int
+    serial: int
+    subject: x509.Name
+    issuer: x509.Name
+
+
+def verifiedChainOf(connectionOrTransport: Any) -> tuple[ChainLink, ...]:
+    """
+    The verified client chain of an established TLS connection: the leaf,
+    then each issuer up to the trust anchor.
+
+    OpenSSL keeps the chain it verified with the connection; a resumed
+    session has none, and then the client certificate and the chain it sent
+    in the original handshake (kept in the session) stand in for it.
+
+    @param connectionOrTransport: An L{OpenSSL.SSL.Connection}, or a TLS
+        transport with C{getHandle()}, or a relay protocol whose
+        C{transport} is one.
+
+    @return: The links, or C{()} for no TLS or no client certificate.
+    """
+    from OpenSSL import SSL
+
+    target = connectionOrTransport
+    for _ in range(3):
+        if isinstance(target, SSL.Connection):
+            break
+        getHandle = getattr(target, "getHandle", None)
+        if getHandle is not None:
+            target = getHandle()
+            continue
+        target = getattr(target, "transport", None)
+    if not isinstance(target, SSL.Connection):
+        return ()
+    chain = target.get_verified_chain(as_cryptography=True) or []
+    if not chain:
+        leaf = target.get_peer_certificate(as_cryptography=True)
+        if leaf is None:
+            return ()
+        sent = target.get_peer_cert_chain(as_cryptography=True) or []
+        chain = [leaf] + [c for c in sent if c != leaf]
+    return tuple(
+        ChainLink(depth, certificate.serial_number, certificate.subject, certificate.issuer)
+        for depth, certificate in enumerate(chain)
+    )
+
+
+@attrs.frozen
+class Revocation:
+    """
+    A certificate of a chain that a CRL revokes.
+
+    @ivar link: The certificate.
+    @ivar entry: The CRL entry revoking it.
+    """
+
+    link: ChainLink
+    entry: x509.RevokedCertificate
+
+
+def revocationIn(chain: Iterable[ChainLink], crls: CRLIndex) -> Optional[Revocation]:
+    """
+    The first certificate of C{chain}, from the leaf up, that a CRL of its
+    issuer in C{crls} revokes, or L{None}.
+    """
+    for link in chain:
+        if isSelfIssuedName(link):
+            continue
+        entry = crls.revocationOf(link.serial, link.issuer)
+        if entry is not None:
+            return Revocation(link, entry)
+    return None
+
+
+def isSelfIssuedName(link: ChainLink) -> bool:
+    """
+    Is the linked certificate its own issuer (a root, which no CRL covers)?
+    """
+    return link.subject == link.issuer
+
+
+def _reasonName(entry: x509.RevokedCertificate) -> Optional[str]:
+    """
+    The reason code of a CRL entry, or L{None}.
+    """
+    try:
+        extension = entry.extensions.get_extension_for_class(x509.CRLReason)
+    except x509.ExtensionNotFound:
+        return None
+    return str(extension.value.reason.value)
+
+
+def closeRevokedConnections(
+    connections: Iterable[Any], listenerName: str, crls: CRLIndex
+) -> list[Any]:
+    """
+    Close the established connections of a listener that were verified with
+    a certificate C{crls} now revokes, and log each (L{REVOKED_LIVE_FORMAT}).
+
+    Connections still in their handshake are left alone: OpenSSL checks
+    them against the CRLs of the context they started on.
+
+    @param connections: The live connections (the relay's protocols, as the
+        L{mtlsproxy.drain.ConnectionRegistry} holds them: C{describe()},
+        C{closeNow(reason)}, C{transport}, C{phase}).
+    @param listenerName: Only this listener's connections are looked at.
+    @param crls: The listener's CRLs after the reload.
+
+    @return: The connections closed.
+    """
+    closed = []
+    for connection in connections:
+        info = connection.describe()
+        if info.listener != listenerName or info.phase in ("new", "handshaking", "closed"):
+            continue
+        chain = verifiedChainOf(connection)
+        revocation = revocationIn(chain, crls)
+        if revocation is None:
+            continue
+        link, entry = revocation.link, revocation.entry
+        log.warn(
+            REVOKED_LIVE_FORMAT,
+            reason=REVOKED_LIVE,
+            connectionId=info.id,
+            peer=info.peer,
+            listener=listenerName,
+            serial=f"{link.serial:x}",
+            subject=link.subject.rfc4514_string(),
+            issuer=link.issuer.rfc4514_string(),
+            depth=link.depth,
+            revocationDate=entry.revocation_date_utc.isoformat(),
+            revocationReason=_reasonName(entry),
+            clientSubject=chain[0].subject.rfc4514_string(),
+            clientSerial=f"{chain[0].serial:x}",
+        )
+        connection.closeNow(REVOKED_LIVE)
+        closed.append(connection)
+    return closed

@@ -12,13 +12,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from .drain import ConnectionRegistry, Drainer
+from .metrics import ProxyMetrics, ProxyStateCollector
 from .pool import Pool
 from .plugins import selectorFactory
+from .limits import ConnectionGate, Timeouts, checkFileLimit
 
 
 class ListenerService(Service):
@@ -28,10 +31,22 @@ class ListenerService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, listenerConfig: Any, factory: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        listenerConfig: Any,
+        factory: Any,
+        gate: Optional[ConnectionGate] = None,
+    ) -> None:
+        """
+        @param gate: The listener's C{max_connections} counter
+            (L{mtlsproxy.limits.ConnectionGate}), given the port once
+            listening so that it can pause accepting; or L{None}.
+        """
         self._reactor = reactor
         self.listenerConfig = listenerConfig
         self.factory = factory
+        self.gate = gate
         self.setName(f"listener:{listenerConfig.name}")
         self.port: Optional[IListeningPort] = None
         self._listening: Optional[Deferred[Any]] = None
@@ -44,6 +59,8 @@ class ListenerService(Service):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        if self.gate is not None:
+            self.gate.attach(port)
         self.log.info(
             "Listener {listener} ({protocol}) listening on {address}",
             listener=self.listenerConfig.name,
@@ -70,6 +87,27 @@ class ListenerService(Service):
             return port.stopListening() or succeed(None)
         return succeed(None)
 
+    @property
+    def atCapacity(self) -> bool:
+        """
+        Is the listener at C{max_connections}, not accepting (for metrics)?
+        """
+        return self.gate is not None and self.gate.atCapacity
+
+    @property
+    def capacityEpisodes(self) -> int:
+        """
+        How many times the listener reached C{max_connections} (for metrics).
+        """
+        return self.gate.capacityEpisodes if self.gate is not None else 0
+
+    @property
+    def activeConnections(self) -> int:
+        """
+        Client connections open on this listener now (for metrics).
+        """
+        return self.gate.active if self.gate is not None else 0
+
 
 def _describeAddress(address: Any) -> str:
     host = getattr(address, "host", None)
@@ -93,6 +131,11 @@ class ProxyService(MultiService):
         self._reactor = reactor
         self.loaded = loaded
         config = loaded.config
+        # Operations (docs/operations.md): metrics, live connections, drain.
+        self.metrics = ProxyMetrics()
+        self.connections = ConnectionRegistry()
+        self.draining = False
+        self.startedAt: float = reactor.seconds()
         self.pools: dict[str, Pool] = {
             p.name: Pool.fromConfig(p, selectorFactory(p.selector).newSelector(), clock=reactor)
             for p in config.pools
@@ -101,12 +144,16 @@ class ProxyService(MultiService):
         for index, poolConfig in enumerate(config.pools):
             if poolConfig.health_check is not None:
                 self._startHealthChecks(index, poolConfig)
+        self.gates: dict[str, ConnectionGate] = {}
         self.listeners: dict[str, ListenerService] = {}
         for listenerConfig in config.listeners:
             factory = self._factoryFor(listenerConfig)
-            listener = ListenerService(reactor, listenerConfig, factory)
+            listener = ListenerService(
+                reactor, listenerConfig, factory, gate=self._gateFor(listenerConfig)
+            )
             listener.setServiceParent(self)
             self.listeners[listenerConfig.name] = listener
+        self._startOperations(config)
 
     def _backendTLSFor(self, poolName: str) -> Any:
         """
@@ -135,35 +182,127 @@ class ProxyService(MultiService):
         monitor.setServiceParent(self)
         self.healthMonitors[poolConfig.name] = monitor
 
+    def _gateFor(self, listenerConfig: Any) -> ConnectionGate:
+        """
+        The C{max_connections} counter of a listener: one per listener name
+        for the life of the service (a reload that changes
+        C{max_connections} updates it).
+        """
+        gate = self.gates.get(listenerConfig.name)
+        if gate is None:
+            gate = ConnectionGate(listenerConfig.name, listenerConfig.max_connections, self._reactor)
+            self.gates[listenerConfig.name] = gate
+        elif gate.maxConnections != listenerConfig.max_connections:
+            gate.maxConnections = listenerConfig.max_connections
+        return gate
+
     def _factoryFor(self, listenerConfig: Any) -> Any:
         from .relay import ProxyServerFactory
 
-        poolConfig = next(p for p in self.loaded.config.pools if p.name == listenerConfig.pool)
-        tls = listenerConfig.protocol == "tls"
-        factory = ProxyServerFactory(
-            self._reactor,
-            listenerConfig.name,
-            self.pools[listenerConfig.pool],
-            poolConfig.connect_timeout,
-            poolConfig.max_connect_attempts,
-            tls,
-        )
-        if not tls:
-            return factory
-        from .tlscontext import serverContextFactory
-        from .tlsproto import HalfCloseTLSFactory
-        from .verify import logHandshakeFailure
+        from .routing import Router
 
-        material = self.loaded.listeners[listenerConfig.name]
-        return HalfCloseTLSFactory(
-            serverContextFactory(listenerConfig, material, clock=self._reactor),
-            False,
-            factory,
-            clock=self._reactor,
-            handshakeFailed=logHandshakeFailure,
+        poolConfig = next(p for p in self.loaded.config.pools if p.name == listenerConfig.pool)
+        tls = listenerConfig.protocol in ("tls", "https")
+        router = Router.fromConfig(listenerConfig, self.loaded.config.pools, self.pools)
+        common: dict[str, Any] = dict(
+            timeouts=Timeouts.fromListener(listenerConfig),
+            gate=self._gateFor(listenerConfig),
+            metrics=self.metrics.forListener(listenerConfig.name),
+            connections=self.connections,
         )
+        factory: Any
+        if listenerConfig.protocol == "https":
+            from .http import HTTPProxyFactory
+
+            factory = HTTPProxyFactory.fromListener(self._reactor, listenerConfig, router, **common)
+        else:
+            factory = ProxyServerFactory(
+                self._reactor,
+                listenerConfig.name,
+                self.pools[listenerConfig.pool],
+                poolConfig.connect_timeout,
+                poolConfig.max_connect_attempts,
+                tls,
+                router=router.forConnection,
+                **common,
+            )
+        if tls:
+            from .tlscontext import serverContextFactory
+            from .tlsproto import HalfCloseTLSFactory
+            from .verify import logHandshakeFailure
+
+            material = self.loaded.listeners[listenerConfig.name]
+            factory = HalfCloseTLSFactory(
+                serverContextFactory(listenerConfig, material, clock=self._reactor),
+                False,
+                factory,
+                clock=self._reactor,
+                handshakeFailed=logHandshakeFailure,
+            )
+        if listenerConfig.accept_proxy_protocol:
+            from .proxyprotocol import ProxyProtocolAcceptor, parseNetworks
+
+            factory = ProxyProtocolAcceptor(
+                factory,
+                parseNetworks(listenerConfig.trusted_proxies),
+                self._reactor,
+                listenerConfig.name,
+            )
+        return factory
 
     def startService(self) -> None:
         for warning in self.loaded.warnings:
             self.log.warn("Configuration warning: {warning}", warning=warning)
+        checkFileLimit(self.loaded.config.listeners)
         MultiService.startService(self)
+
+    def _startOperations(self, config: Any) -> None:
+        """
+        The operators' side: the live-state metrics, the drainer, the status
+        endpoint and the admin console (C{docs/operations.md},
+        C{docs/admin.md}).
+
+        @raise ConfigurationError: For the status endpoint's TLS material or
+            the admin console's key files.
+        """
+        from datetime import datetime, timezone
+
+        from .status import StatusService, expiryReport, loadStatusMaterial
+
+        self.metrics.registry.register(ProxyStateCollector(self, self._reactor, expiryReport))
+        self.drainer = Drainer(self._reactor, self.connections, config.drain_timeout)
+        self.statusMaterial, warnings = loadStatusMaterial(config, datetime.now(timezone.utc))
+        for warning in warnings:
+            self.log.warn("Configuration warning: {warning}", warning=warning)
+        self.statusService: Optional[StatusService] = None
+        if config.status is not None:
+            self.statusService = StatusService(
+                self._reactor, self, self.metrics.registry, config.status, self.statusMaterial
+            )
+            self.statusService.setServiceParent(self)
+        self.adminService: Any = None
+        if config.admin is not None:
+            from .admin import AdminService
+
+            self.adminService = AdminService(self._reactor, self, config.admin, config.path)
+            self.adminService.setServiceParent(self)
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Shut down gracefully (SIGTERM): stop accepting on every listener,
+        give the established connections C{drain_timeout} seconds to finish
+        and close the rest (L{mtlsproxy.drain.Drainer}), then stop
+        everything else (health checks, status endpoint, admin console).
+
+        @return: Fires when all of that is done; twistd exits then.
+        """
+        self.draining = True
+        self.log.info(
+            "Shutting down: listeners stop accepting; {count} connection(s) open",
+            count=len(self.connections),
+        )
+        stopping = [listener.stopService() for listener in self.listeners.values()]
+        d: Deferred[Any] = DeferredList(stopping, consumeErrors=True)
+        d.addCallback(lambda _: self.drainer.drain())
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d

@@ -30,11 +30,32 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration file."],
+        [
+            "log-format",
+            None,
+            None,
+            'Log format, "text" or "json" (one JSON object per line); default the'
+            " configuration's [logging] format, else text.",
+        ],
     ]
 
     def postOptions(self) -> None:
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
+        if self["log-format"] not in (None, "text", "json"):
+            raise usage.UsageError(
+                f'--log-format must be "text" or "json", not {self["log-format"]!r}'
+            )
+        # Choose twistd's log observer once the configuration is read (see
+        # mtlsproxy.logs), unless twistd was told where to log otherwise.
+        twistdOptions = getattr(self, "parent", None)
+        if twistdOptions is not None and not twistdOptions.get("logger") and not twistdOptions.get(
+            "syslog"
+        ):
+            from .logs import twistdLogger
+
+            twistdLogger.attach(self, twistdOptions)
+            twistdOptions["logger"] = "mtlsproxy.logs.twistdLogger"
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -55,10 +76,15 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     try:
         config = loadConfig(options["config"])
         loaded = checkConfiguration(config, datetime.now(timezone.utc))
+        # The status endpoint's material and the admin console's key files
+        # are read here too.
+        service = ProxyService(reactor, loaded)
     except ConfigurationError as e:
         sys.stderr.write(f"mtlsproxy: configuration error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(1)
     for warning in loaded.warnings:
         sys.stderr.write(f"mtlsproxy: warning: {warning}\n")
-    return ProxyService(reactor, loaded)
+    # For mtlsproxy.logs.TwistdObserverFactory, which twistd calls next.
+    options.loggingConfig = config.logging  # type: ignore[attr-defined]
+    return service

@@ -56,6 +56,7 @@ __all__ = [
     "NOT_YET_VALID",
     "CRL_MISSING",
     "CRL_EXPIRED",
+    "UNKNOWN_SNI",
     "HANDSHAKE_FAILED",
     "INTERNAL_ERROR",
     "REJECTED_FORMAT",
@@ -64,10 +65,13 @@ __all__ = [
     "ClientCertificateVerifier",
     "describeAddress",
     "logHandshakeFailure",
+    "logUnknownServerName",
     "peerIdentity",
     "reasonForVerifyError",
     "rejectionReason",
     "verifyErrorString",
+    "verificationFailure",
+    "PASSTHROUGH_FORMAT",
 ]
 
 log = Logger()
@@ -112,6 +116,13 @@ CRL_EXPIRED: Final = "crl_expired"
 """
 The CRL of the issuer of a certificate of the chain is past its nextUpdate
 (and C{crl_expired = "reject"}).
+"""
+
+UNKNOWN_SNI: Final = "unknown_sni"
+"""
+The listener has C{strict_sni = true} and the server name the client asked
+for matches none of its certificates (the event's C{sni} field holds it).
+The client receives an C{unrecognized_name} alert.
 """
 
 HANDSHAKE_FAILED: Final = "handshake_failed"
@@ -471,6 +482,8 @@ class ClientCertificateVerifier:
     crlExpired: CRLExpired = CRL_EXPIRED_DEFAULT
     crls: CRLIndex = attrs.field(factory=lambda: CRLIndex.fromCRLs(()))
     anchors: frozenset[bytes] = frozenset()
+    # client_auth = "passthrough" (issue 8): record problems, never reject.
+    passthrough: bool = False
 
     @classmethod
     def create(
@@ -480,6 +493,7 @@ class ClientCertificateVerifier:
         crls: Iterable[x509.CertificateRevocationList] = (),
         crlMissing: CRLMissing = CRL_MISSING_DEFAULT,
         crlExpired: CRLExpired = CRL_EXPIRED_DEFAULT,
+        passthrough: bool = False,
     ) -> ClientCertificateVerifier:
         """
         Build the verifier for a listener.
@@ -489,6 +503,9 @@ class ClientCertificateVerifier:
         @param crls: The configured CRLs.
         @param crlMissing: The C{crl_missing} policy.
         @param crlExpired: The C{crl_expired} policy.
+        @param passthrough: C{client_auth = "passthrough"}: a problem that
+            would reject the handshake is recorded instead (see
+            L{verificationFailure}) and the handshake goes on.
         """
         anchors = frozenset(
             crypto.X509.from_cryptography(authority).digest("sha256")
@@ -501,6 +518,7 @@ class ClientCertificateVerifier:
             crlExpired=crlExpired,
             crls=CRLIndex.fromCRLs(crls),
             anchors=anchors,
+            passthrough=passthrough,
         )
 
     def verifyCallback(
@@ -598,10 +616,62 @@ class ClientCertificateVerifier:
                 revocationDate=_revocationDate(entry),
                 revocationReason=_revocationReason(entry),
             )
+        if self.passthrough:
+            return _recordPassthroughFailure(connection, reason, errorNumber, fields)
         _markLogged(connection, connection.get_app_data(), reason)
         log.warn(REJECTED_FORMAT, **fields)
         return False
 
+
+
+# ---------------------------------------------------------------------------
+# Passthrough (client_auth = "passthrough"): record instead of rejecting
+# ---------------------------------------------------------------------------
+
+PASSTHROUGH_FORMAT: Final = (
+    "Passing TLS client {peer} on listener {listener} through with a certificate"
+    " that failed verification: {reason} (subject {subject}, serial {serial})"
+)
+"""
+The C{log_format} of the event (level C{info}) logged when a
+C{client_auth = "passthrough"} listener accepts a certificate that failed
+verification; fields as in L{REJECTED_FORMAT}.
+"""
+
+# The first failure of each passthrough connection: (reason, errorNumber).
+_passthroughFailures: weakref.WeakKeyDictionary[SSL.Connection, tuple[str, int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _recordPassthroughFailure(
+    connection: SSL.Connection, reason: str, errorNumber: int, fields: dict[str, Any]
+) -> bool:
+    """
+    Remember the first verification failure of a passthrough connection,
+    log it, and let the handshake go on.
+    """
+    if connection not in _passthroughFailures:
+        _passthroughFailures[connection] = (reason, errorNumber)
+        log.info(PASSTHROUGH_FORMAT, **fields)
+    return True
+
+
+def verificationFailure(connectionOrTransport: object) -> tuple[str, int] | None:
+    """
+    Why the client certificate of a C{client_auth = "passthrough"}
+    connection failed verification: the reason (as in L{REJECTED_FORMAT},
+    C{"unknown_ca"}, C{"expired"}, ...) and OpenSSL's C{X509_V_ERR_*}
+    number of the first problem; L{None} if it passed (or on any other
+    listener, where a failure rejects the handshake).
+
+    @param connectionOrTransport: The L{SSL.Connection} or its TLS
+        transport.
+    """
+    connection = _connectionOf(connectionOrTransport)
+    if connection is None:
+        return None
+    return _passthroughFailures.get(connection)
 
 
 def _revocationDate(entry: x509.RevokedCertificate | None) -> str | None:
@@ -710,3 +780,34 @@ def logHandshakeFailure(tlsProtocol: object, reason: Failure) -> bool:
         if isinstance(verifier, ClientCertificateVerifier):
             listenerName = verifier.listenerName
     return _logHandshakeFailure(tlsProtocol, reason, listenerName)
+
+
+def logUnknownServerName(
+    connection: SSL.Connection, listenerName: str, serverName: str | None
+) -> None:
+    """
+    Log the rejection of a client whose server name no certificate of a
+    C{strict_sni} listener answers for: reason L{UNKNOWN_SNI}, with the
+    name in the C{sni} field.  The handshake failure that follows is not
+    logged again.
+
+    @param connection: The server connection, during its ClientHello.
+    @param listenerName: The listener's name.
+    @param serverName: The name the client sent.
+    """
+    tlsProtocol = connection.get_app_data()
+    _markLogged(connection, tlsProtocol)
+    fields: dict[str, Any] = dict(
+        _LEAF_NONE,
+        reason=UNKNOWN_SNI,
+        peer=_peerOf(tlsProtocol),
+        listener=listenerName,
+        sni=serverName,
+        error="unrecognized server name",
+        errorNumber=None,
+        depth=None,
+        certificateSubject=None,
+        certificateSerial=None,
+        certificateIssuer=None,
+    )
+    log.warn(REJECTED_FORMAT, **fields)

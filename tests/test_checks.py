@@ -534,14 +534,14 @@ class CheckConfigurationTests(CheckTestsMixin, SynchronousTestCase):
 
     def test_encryptedKey(self) -> None:
         """
-        When the key is encrypted, the error says encrypted keys are not
-        supported.
+        When the key is encrypted and no password is configured, the error
+        says how to give one.
         """
         key = self.write("encrypted.key", pki.keyPEM(self.pki.server.key, b"secret"))
         self.assertCheckError(
             f"listeners[0].certificates[0].key: the private key in {key} is encrypted;"
-            " encrypted keys are not supported, store it unencrypted with restrictive"
-            " permissions",
+            " give its password with password_file or password_env in the same"
+            " [[listeners.certificates]] table",
             key=key,
         )
 

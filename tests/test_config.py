@@ -852,6 +852,9 @@ _listener = _table(
         "certificates": _mostlyFrom(st.lists(_certificate, max_size=2)),
         "crl_missing": _mostly("reject", "allow"),
         "crl_expired": _mostly("reject", "allow"),
+        "handshake_timeout": _mostly(10.0, 1, 0.25, 0, -1.0),
+        "idle_timeout": _mostly(300, 0.5, 0, float("inf")),
+        "max_connections": _mostly(1, 10000, 0, 1000001, 2.0),
     },
 )
 _member = _table(

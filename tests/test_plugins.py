@@ -412,7 +412,9 @@ class ExampleDistributionTests(TestCase):
         When the example distribution is installed with pip into a separate
         directory and a Python process has that directory on its path, the
         plugin scan finds C{first_available} there,
-        L{mtlsproxy.plugins.selectorFactory} returns it, and the
+        L{mtlsproxy.plugins.selectorFactory} returns it,
+        L{mtlsproxy.plugins.healthCheckerFactory} returns its C{banner}
+        checker (whose code is imported only when a checker is made), and the
         distribution's own tests pass.
         """
         work = os.path.abspath(self.mktemp())
@@ -442,13 +444,25 @@ class ExampleDistributionTests(TestCase):
             import json, sys
             import twisted.plugins
             from twisted.plugin import getPlugins
-            from mtlsproxy.interfaces import IBackendSelectorFactory
-            from mtlsproxy.plugins import availableSelectors, selectorFactory
+            from twisted.internet.testing import MemoryReactorClock
+            from mtlsproxy.interfaces import IBackendSelectorFactory, IHealthCheckerFactory
+            from mtlsproxy.plugins import (
+                availableHealthCheckers, availableSelectors, healthCheckerFactory,
+                selectorFactory)
             found = {p.name: p for p in getPlugins(IBackendSelectorFactory, twisted.plugins)}
             factory = selectorFactory("first_available")
+            checkers = {p.name: p for p in getPlugins(IHealthCheckerFactory, twisted.plugins)}
+            banner = healthCheckerFactory("banner")
+            lazy = "mtlsproxy_example.checkers" not in sys.modules
+            checker = banner.newChecker(MemoryReactorClock(), {"expect": "220 "}, None)
             print(json.dumps({
                 "same": found["first_available"] is factory,
                 "available": availableSelectors(),
+                "sameChecker": checkers["banner"] is banner,
+                "checkers": availableHealthCheckers(),
+                "checkerOptions": sorted(banner.options),
+                "lazy": lazy,
+                "checkerModule": sys.modules[type(checker).__module__].__file__,
                 "pluginModule": sys.modules["twisted.plugins.mtlsproxy_example_plugin"].__file__,
                 "factoryModule": sys.modules[type(factory).__module__].__file__,
                 "twisted": twisted.plugins.__file__,
@@ -465,6 +479,11 @@ class ExampleDistributionTests(TestCase):
         self.assertTrue(set(BUILTIN_NAMES + ["first_available"]) <= set(result["available"]))
         self.assertTrue(result["pluginModule"].startswith(target + os.sep), result)
         self.assertTrue(result["factoryModule"].startswith(target + os.sep), result)
+        self.assertTrue(result["sameChecker"], result)
+        self.assertIn("banner", result["checkers"])
+        self.assertEqual(result["checkerOptions"], ["expect", "send"])
+        self.assertTrue(result["lazy"], result)
+        self.assertTrue(result["checkerModule"].startswith(target + os.sep), result)
         # Twisted itself still comes from the virtualenv, not the target.
         self.assertFalse(result["twisted"].startswith(target), result)
 

@@ -9,9 +9,20 @@ C{twisted.plugins} belongs to Twisted, which extends it with every
 C{twisted/plugins} directory on C{sys.path}.
 """
 
+from mtlsproxy.health import HealthCheckerPlugin
 from mtlsproxy_example.selectors import firstAvailable
 
-# Health checkers go here too, e.g.:
-# from mtlsproxy_example.checkers import tlsHandshake
+# The health checker is declared by the dotted name of its constructor,
+# imported on first use, so that a plugin scan does not import
+# mtlsproxy_example.checkers (and the network code it pulls in).
+banner = HealthCheckerPlugin(
+    name="banner",
+    description="Healthy if the member's first line starts with the expected text.",
+    options={
+        "send": 'Text to send once connected, such as "PING\\r\\n" (default: nothing).',
+        "expect": "The start of the first line the member must answer with (required).",
+    },
+    checker="mtlsproxy_example.checkers.BannerChecker.fromOptions",
+)
 
-__all__ = ["firstAvailable"]
+__all__ = ["firstAvailable", "banner"]

@@ -1,0 +1,253 @@
+# -*- test-case-name: tests.test_reload -*-
+"""
+Certificates and CRLs that run out: found ahead of time.
+
+L{expiryReport} lists, for the material in force, every server certificate
+(and the intermediates sent with it), every CA certificate that verifies
+clients and every CRL (its nextUpdate), with the file it came from and the
+time left.  L{ExpiryMonitor} logs the ones due within
+C{expiry_warning_days} (L{EXPIRING_FORMAT}) at start-up, after each reload
+and once a day.  The status endpoint reads the same report as data.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable, Final, Iterable, Mapping, Optional
+
+import attrs
+from cryptography import x509
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from .material import ListenerMaterial, sourceKey
+
+__all__ = [
+    "CA_CERTIFICATE",
+    "CHAIN_CERTIFICATE",
+    "CRL",
+    "DAY",
+    "EXPIRING_FORMAT",
+    "SERVER_CERTIFICATE",
+    "ExpiryItem",
+    "ExpiryMonitor",
+    "expiryReport",
+]
+
+SERVER_CERTIFICATE: Final = "server_certificate"
+"""
+L{ExpiryItem.kind} of a listener's server certificate.
+"""
+
+CHAIN_CERTIFICATE: Final = "chain_certificate"
+"""
+L{ExpiryItem.kind} of an intermediate CA certificate sent with a server
+certificate.
+"""
+
+CA_CERTIFICATE: Final = "ca_certificate"
+"""
+L{ExpiryItem.kind} of a CA certificate that verifies client certificates.
+"""
+
+CRL: Final = "crl"
+"""
+L{ExpiryItem.kind} of a certificate revocation list (its nextUpdate).
+"""
+
+DAY: Final = 86400.0
+"""
+Seconds between two daily expiry checks.
+"""
+
+EXPIRING_FORMAT: Final = (
+    "Expiry warning: {kind} {subject} of listener {listener} ({file})"
+    " {state} {not_after} ({days_left} days left)"
+)
+"""
+The C{log_format} of the warning logged for each item due within
+C{expiry_warning_days}.  Fields: those of L{ExpiryItem.asDict}, plus
+C{state} (C{"expires"}, or C{"expired"} for an item already past) and
+C{days_left} (whole days, negative once past) and C{warning_days}.
+"""
+
+
+@attrs.frozen
+class ExpiryItem:
+    """
+    When one certificate or CRL in force runs out.
+
+    @ivar listener: The listener's name.
+    @ivar kind: L{SERVER_CERTIFICATE}, L{CHAIN_CERTIFICATE},
+        L{CA_CERTIFICATE} or L{CRL}.
+    @ivar file: The file it was read from, or L{None} if not known.
+    @ivar subject: The certificate's subject, or the CRL's issuer (RFC 4514).
+    @ivar serial: The certificate's serial number (lower-case hex); L{None}
+        for a CRL.
+    @ivar not_after: The certificate's notAfter or the CRL's nextUpdate
+        (UTC); L{None} for a CRL without nextUpdate.
+    @ivar seconds_left: Seconds from the report's time to C{not_after}
+        (negative once past); L{None} without C{not_after}.
+    """
+
+    listener: str
+    kind: str
+    file: Optional[str]
+    subject: str
+    serial: Optional[str]
+    not_after: Optional[datetime]
+    seconds_left: Optional[float]
+
+    def asDict(self) -> dict[str, Any]:
+        """
+        The item as JSON-serializable data (C{not_after} in ISO 8601).
+        """
+        data = attrs.asdict(self)
+        if self.not_after is not None:
+            data["not_after"] = self.not_after.astimezone(timezone.utc).isoformat()
+        return data
+
+    def dueWithin(self, seconds: float) -> bool:
+        """
+        Does it run out within C{seconds} (or has it already)?
+        """
+        return self.seconds_left is not None and self.seconds_left <= seconds
+
+
+def _listenerItems(
+    listener: str, material: ListenerMaterial, now: datetime
+) -> list[ExpiryItem]:
+    """
+    The items of one listener's material, each certificate and CRL once.
+    """
+    items: list[ExpiryItem] = []
+    seen: set[tuple[str, bytes]] = set()
+
+    def add(kind: str, item: x509.Certificate | x509.CertificateRevocationList) -> None:
+        key = (kind, sourceKey(item))
+        if key in seen:
+            return
+        seen.add(key)
+        if isinstance(item, x509.Certificate):
+            subject = item.subject.rfc4514_string()
+            serial: Optional[str] = f"{item.serial_number:x}"
+            notAfter: Optional[datetime] = item.not_valid_after_utc
+        else:
+            subject = item.issuer.rfc4514_string()
+            serial = None
+            notAfter = item.next_update_utc
+        left = None if notAfter is None else (notAfter - now).total_seconds()
+        items.append(
+            ExpiryItem(listener, kind, material.sourceOf(item), subject, serial, notAfter, left)
+        )
+
+    for certificate in material.certificates:
+        add(SERVER_CERTIFICATE, certificate.chain[0])
+        for intermediate in certificate.chain[1:]:
+            add(CHAIN_CERTIFICATE, intermediate)
+    for certificate in material.certificates:
+        cas, crls = material.trustOf(certificate)
+        for ca in cas:
+            add(CA_CERTIFICATE, ca)
+        for crl in crls:
+            add(CRL, crl)
+    for ca in material.cas:
+        add(CA_CERTIFICATE, ca)
+    for crl in material.crls:
+        add(CRL, crl)
+    return items
+
+
+def expiryReport(
+    materials: Mapping[str, ListenerMaterial], now: datetime
+) -> list[ExpiryItem]:
+    """
+    Every certificate and CRL of C{materials}, soonest to run out first
+    (CRLs without nextUpdate last).
+
+    @param materials: The material in force, by listener name.
+    @param now: The time the C{seconds_left} count from.
+    """
+    items: list[ExpiryItem] = []
+    for listener, material in materials.items():
+        items.extend(_listenerItems(listener, material, now))
+    return sorted(
+        items,
+        key=lambda i: (i.seconds_left is None, i.seconds_left or 0.0, i.listener, i.kind),
+    )
+
+
+class ExpiryMonitor:
+    """
+    Logs what is due within C{warningDays}: on L{check}, and daily between
+    L{start} and L{stop}.
+
+    @ivar clock: Provides C{seconds} and C{callLater}.
+    @ivar materials: Returns the material in force, by listener name.
+    @ivar warningDays: The C{expiry_warning_days} setting.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        materials: Callable[[], Mapping[str, ListenerMaterial]],
+        warningDays: int,
+    ) -> None:
+        self.clock = clock
+        self.materials = materials
+        self.warningDays = warningDays
+        self._daily: Optional[IDelayedCall] = None
+
+    def report(self) -> list[ExpiryItem]:
+        """
+        The L{expiryReport} of the material in force, now.
+        """
+        now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+        return expiryReport(self.materials(), now)
+
+    def check(self) -> list[ExpiryItem]:
+        """
+        Log a warning for each item due within C{warningDays}.
+
+        @return: Those items.
+        """
+        due = [i for i in self.report() if i.dueWithin(self.warningDays * DAY)]
+        for item in due:
+            assert item.seconds_left is not None and item.not_after is not None
+            self.log.warn(
+                EXPIRING_FORMAT,
+                state="expired" if item.seconds_left < 0 else "expires",
+                days_left=int(item.seconds_left // DAY),
+                warning_days=self.warningDays,
+                **item.asDict(),
+            )
+        return due
+
+    def start(self) -> None:
+        """
+        Check now and then every day until L{stop}.
+        """
+        self.stop()
+        self.check()
+        self._daily = self.clock.callLater(DAY, self._tick)
+
+    def _tick(self) -> None:
+        self._daily = None
+        self.start()
+
+    def stop(self) -> None:
+        """
+        Cancel the daily check.
+        """
+        daily, self._daily = self._daily, None
+        if daily is not None and daily.active():
+            daily.cancel()
+
+    @property
+    def running(self) -> bool:
+        """
+        Is the daily check scheduled?
+        """
+        return self._daily is not None

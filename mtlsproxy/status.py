@@ -1,0 +1,597 @@
+# -*- test-case-name: tests.test_status -*-
+"""
+The status endpoint (C{[status]}): a small twisted.web site for operators
+and monitoring.
+
+  - C{GET /status}: JSON: listeners, pools and members (health, last check,
+    weight, connections), live connections, certificate and CRL expiry.
+  - C{GET /metrics}: the Prometheus text format (L{mtlsproxy.metrics}).
+  - C{GET /healthz}: 200 while the process runs.
+  - C{GET /readyz}: 200 when every listener listens, every pool has a
+    member that may take connections and the proxy is not shutting down;
+    503 otherwise, with the reasons.
+  - C{POST /members/<pool>/<address>:<port>/drain} and C{.../enable}: take
+    a member out of rotation and put it back.  Refused (403) unless the
+    endpoint listens on loopback (or a UNIX socket) or requires client
+    certificates, and for any request a browser marks as cross-site (an
+    C{Origin} header), so a web page cannot drive it.
+
+It is plain HTTP by default, for loopback; with C{cert} and C{key} it is
+HTTPS, and with C{client_auth = "required"} it verifies client certificates
+with the same checks, contexts and rejection logging as the listeners.
+
+This module also holds what the status page and the metrics report about
+certificates: L{expiryReport}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from . import __version__
+from .config import ProxyConfig
+from .errors import ConfigurationError
+from .material import ListenerMaterial
+from .metrics import CONTENT_TYPE_LATEST, render
+
+__all__ = [
+    "ExpiryEntry",
+    "StatusResource",
+    "StatusService",
+    "expiryReport",
+    "loadStatusMaterial",
+    "proxyStatus",
+    "readiness",
+]
+
+SERVER_CERTIFICATE = "server_certificate"
+CA_CERTIFICATE = "ca_certificate"
+CRL = "crl"
+
+
+@attrs.frozen
+class ExpiryEntry:
+    """
+    When one certificate or CRL runs out.
+
+    @ivar listener: The listener's name (C{"status"} for the status
+        endpoint's own material).
+    @ivar kind: C{"server_certificate"}, C{"ca_certificate"} or C{"crl"}.
+    @ivar subject: The certificate's subject, or the CRL's issuer (RFC
+        4514).
+    @ivar serial: The certificate's serial number (lowercase hex); L{None}
+        for a CRL.
+    @ivar expires: The certificate's notAfter or the CRL's nextUpdate (UTC);
+        L{None} for a CRL without nextUpdate.
+    """
+
+    listener: str
+    kind: str
+    subject: str
+    serial: Optional[str]
+    expires: Optional[datetime]
+
+    def asDict(self, now: datetime) -> dict[str, Any]:
+        """
+        The entry as JSON-serializable data, with the seconds left at
+        C{now}.
+        """
+        return {
+            "listener": self.listener,
+            "kind": self.kind,
+            "subject": self.subject,
+            "serial": self.serial,
+            "expires": _iso(self.expires),
+            "seconds_left": (
+                None if self.expires is None else round((self.expires - now).total_seconds())
+            ),
+        }
+
+
+def _iso(moment: Optional[datetime]) -> Optional[str]:
+    if moment is None:
+        return None
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _materialEntries(listener: str, material: ListenerMaterial) -> list[ExpiryEntry]:
+    """
+    The expiry entries of one listener's material: every server
+    certificate chain's leaf, every CA, every CRL.
+    """
+    entries = []
+    for server in material.certificates:
+        leaf = server.chain[0]
+        entries.append(
+            ExpiryEntry(
+                listener,
+                SERVER_CERTIFICATE,
+                leaf.subject.rfc4514_string(),
+                f"{leaf.serial_number:x}",
+                leaf.not_valid_after_utc,
+            )
+        )
+    for ca in material.cas:
+        entries.append(
+            ExpiryEntry(
+                listener,
+                CA_CERTIFICATE,
+                ca.subject.rfc4514_string(),
+                f"{ca.serial_number:x}",
+                ca.not_valid_after_utc,
+            )
+        )
+    for crl in material.crls:
+        entries.append(
+            ExpiryEntry(listener, CRL, crl.issuer.rfc4514_string(), None, crl.next_update_utc)
+        )
+    return entries
+
+
+def _entryFrom(item: Any) -> Optional[ExpiryEntry]:
+    """
+    Read one entry of a reloader's C{expiryReport()}: an L{ExpiryEntry}, or
+    any object or mapping with C{listener}, C{kind}, C{subject} (or
+    C{issuer}), C{serial} and C{expires} (or C{notAfter} / C{nextUpdate}).
+    """
+    if isinstance(item, ExpiryEntry):
+        return item
+
+    def get(*names: str) -> Any:
+        for name in names:
+            if isinstance(item, dict) and name in item:
+                return item[name]
+            if hasattr(item, name):
+                return getattr(item, name)
+        return None
+
+    expires = get("expires", "notAfter", "not_after", "nextUpdate", "next_update")
+    if isinstance(expires, str):
+        try:
+            expires = datetime.fromisoformat(expires.replace("Z", "+00:00"))
+        except ValueError:
+            expires = None
+    if not isinstance(expires, datetime):
+        expires = None
+    elif expires.tzinfo is None:
+        expires = expires.replace(tzinfo=timezone.utc)
+    listener = get("listener")
+    kind = get("kind")
+    subject = get("subject", "issuer")
+    if listener is None or kind is None or subject is None:
+        return None
+    serial = get("serial")
+    return ExpiryEntry(str(listener), str(kind), str(subject), None if serial is None else str(serial), expires)
+
+
+def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
+    """
+    When the certificates and CRLs the proxy uses now run out.
+
+    If the proxy has a reloader with an C{expiryReport()} (the material in
+    force after reloads), that is the source; otherwise the material loaded
+    at start-up (C{proxy.loaded.listeners}) and the status endpoint's own.
+
+    @param proxy: The L{mtlsproxy.service.ProxyService}.
+    @param now: The current time (unused by the computation from material;
+        a reloader may use it).
+    """
+    reloader = getattr(proxy, "reloader", None)
+    report = getattr(reloader, "expiryReport", None)
+    if callable(report):
+        entries = [_entryFrom(item) for item in report()]
+        return [entry for entry in entries if entry is not None]
+    result: list[ExpiryEntry] = []
+    for name, material in getattr(proxy.loaded, "listeners", {}).items():
+        result.extend(_materialEntries(name, material))
+    statusMaterial = getattr(proxy, "statusMaterial", None)
+    if statusMaterial is not None:
+        result.extend(_materialEntries("status", statusMaterial))
+    return result
+
+
+def loadStatusMaterial(config: ProxyConfig, now: datetime) -> tuple[Optional[ListenerMaterial], list[str]]:
+    """
+    Load and check the status endpoint's certificate, key, CAs and CRLs,
+    with the listeners' start-up checks.
+
+    @return: The material (L{None} for plain HTTP or no status endpoint)
+        and the warnings.
+    @raise ConfigurationError: As for a listener, with the key path under
+        C{status}.
+    """
+    from . import checks
+
+    status = config.status
+    if status is None or not status.tls:
+        return None, []
+    warnings: list[str] = []
+    try:
+        # The listeners' check, on the status endpoint seen as a listener.
+        material = checks._checkListener(status.asListener(), "status", now, warnings)
+    except ConfigurationError as e:
+        key = (e.key or "").replace("status.certificates[0].", "status.")
+        raise ConfigurationError(e.problem, e.path or config.path, key or None, e.line) from None
+    return material, [w.replace("listener 'status'", "the status endpoint") for w in warnings]
+
+
+def _memberStatus(member: Any, now: float) -> dict[str, Any]:
+    """
+    One member's entry in C{/status}.
+    """
+    lastCheck = getattr(member, "lastCheck", None)
+    check: Optional[dict[str, Any]] = None
+    if lastCheck is not None:
+        result, when = lastCheck
+        check = {
+            "healthy": getattr(result, "healthy", None),
+            "reason": getattr(result, "reason", None),
+            "time": _iso(datetime.fromtimestamp(when, timezone.utc)),
+        }
+    return {
+        "member": member.hostPort,
+        "address": member.address,
+        "port": member.port,
+        "weight": member.weight,
+        "healthy": member.healthy,
+        "draining": member.draining,
+        "ejected": member.ejected(now),
+        "available": member.available(now),
+        "active_connections": member.activeConnections,
+        "total_connections": getattr(member, "totalConnections", None),
+        "failed_connections": getattr(member, "failedConnections", None),
+        "last_check": check,
+    }
+
+
+def _listenerAddress(listener: Any) -> Optional[str]:
+    port = getattr(listener, "port", None)
+    if port is None:
+        return None
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+def proxyStatus(proxy: Any, clock: Any) -> dict[str, Any]:
+    """
+    Everything C{GET /status} reports, as JSON-serializable data.
+
+    @param proxy: The L{mtlsproxy.service.ProxyService}.
+    @param clock: Provides C{seconds()}.
+    """
+    now = clock.seconds()
+    moment = datetime.fromtimestamp(now, timezone.utc)
+    connections = proxy.connections.snapshot()
+    byListener: dict[str, int] = {name: 0 for name in proxy.listeners}
+    for info in connections:
+        byListener[info.listener] = byListener.get(info.listener, 0) + 1
+    listeners = []
+    for name, listener in proxy.listeners.items():
+        config = listener.listenerConfig
+        listeners.append(
+            {
+                "name": name,
+                "protocol": config.protocol,
+                "endpoint": config.endpoint,
+                "address": _listenerAddress(listener),
+                "listening": getattr(listener, "port", None) is not None,
+                "pool": config.pool,
+                "client_auth": getattr(config, "client_auth", None),
+                "active_connections": byListener.get(name, 0),
+            }
+        )
+    pools = []
+    for name, pool in proxy.pools.items():
+        members = [_memberStatus(member, now) for member in pool.members]
+        pools.append(
+            {
+                "name": name,
+                "selector": getattr(getattr(pool, "selector", None), "name", None)
+                or type(getattr(pool, "selector", None)).__name__,
+                "available_members": sum(1 for m in members if m["available"]),
+                "failing_open": getattr(pool, "failingOpen", False),
+                "members": members,
+            }
+        )
+    expiry = expiryReport(proxy, moment)
+    started = getattr(proxy, "startedAt", None)
+    ready, problems = readiness(proxy, now)
+    return {
+        "version": __version__,
+        "time": _iso(moment),
+        "state": "draining" if getattr(proxy, "draining", False) else "running",
+        "ready": ready,
+        "problems": problems,
+        "uptime_seconds": None if started is None else round(now - started, 3),
+        "listeners": listeners,
+        "pools": pools,
+        "connections": {
+            "active": len(connections),
+            "by_listener": byListener,
+        },
+        "certificates": [e.asDict(moment) for e in expiry if e.kind != CRL],
+        "crls": [e.asDict(moment) for e in expiry if e.kind == CRL],
+    }
+
+
+def readiness(proxy: Any, now: Optional[float] = None) -> tuple[bool, list[str]]:
+    """
+    Is the proxy ready for traffic?  Every listener listening, at least one
+    available member (healthy, not ejected, not draining, weight above 0)
+    in every pool, and not shutting down.
+
+    @return: C{(ready, problems)}, one line per problem.
+    """
+    problems = []
+    if getattr(proxy, "draining", False):
+        problems.append("shutting down")
+    for name, listener in proxy.listeners.items():
+        if getattr(listener, "port", None) is None:
+            problems.append(f"listener {name} is not listening")
+    for name, pool in proxy.pools.items():
+        if not any(member.available(now) for member in pool.members):
+            problems.append(f"pool {name} has no available member")
+    return (not problems, problems)
+
+
+# ---------------------------------------------------------------------------
+# The web resources
+# ---------------------------------------------------------------------------
+
+
+def _json(request: Request, code: int, data: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(data, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+
+
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, proxy: Any, clock: Any) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.clock = clock
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, proxyStatus(self.proxy, self.clock))
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: Any) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return render(self.registry)
+
+
+class _Healthz(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+
+class _Readyz(Resource):
+    isLeaf = True
+
+    def __init__(self, proxy: Any, clock: Any) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.clock = clock
+
+    def render_GET(self, request: Request) -> bytes:
+        ready, problems = readiness(self.proxy, self.clock.seconds())
+        request.setResponseCode(200 if ready else 503)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if ready:
+            return b"ready\n"
+        return ("not ready: " + "; ".join(problems) + "\n").encode("utf-8")
+
+
+class _Members(Resource):
+    """
+    C{POST /members/<pool>/<address>:<port>/drain} and C{.../enable}.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, proxy: Any, controlAllowed: Callable[[], bool]) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.controlAllowed = controlAllowed
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"allow", b"POST")
+        return _json(request, 405, {"error": "use POST"})
+
+    def render_POST(self, request: Request) -> bytes:
+        if not self.controlAllowed():
+            return _json(
+                request,
+                403,
+                {"error": "member control needs a loopback status endpoint or client certificates"},
+            )
+        if request.getHeader(b"origin") is not None:
+            return _json(request, 403, {"error": "cross-origin requests are refused"})
+        path = [segment.decode("utf-8", "replace") for segment in request.postpath]
+        if len(path) != 3 or path[2] not in ("drain", "enable"):
+            return _json(
+                request, 404, {"error": "expected /members/<pool>/<address>:<port>/drain or /enable"}
+            )
+        poolName, where, action = path
+        pool = self.proxy.pools.get(poolName)
+        if pool is None:
+            return _json(request, 404, {"error": f"no pool {poolName!r}"})
+        member = next((m for m in pool.members if m.hostPort == where), None)
+        if member is None:
+            return _json(request, 404, {"error": f"pool {poolName!r} has no member {where!r}"})
+        self.log.info(
+            "Status API: {action} pool {pool} member {member} (from {client})",
+            action=action,
+            pool=poolName,
+            member=where,
+            client=_peerText(request),
+        )
+        if action == "drain":
+            member.drain()
+        else:
+            member.enable()
+        return _json(request, 200, _memberStatus(member, member.clock.seconds()))
+
+
+def _peerText(request: Request) -> str:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return str(peer) if host is None else f"{host}:{getattr(peer, 'port', '')}"
+
+
+class StatusResource(Resource):
+    """
+    The root of the status site: C{status}, C{metrics}, C{healthz},
+    C{readyz} and C{members}.
+    """
+
+    def __init__(
+        self, proxy: Any, registry: Any, clock: Any, controlAllowed: Callable[[], bool]
+    ) -> None:
+        """
+        @param proxy: The L{mtlsproxy.service.ProxyService}.
+        @param registry: The C{CollectorRegistry} C{/metrics} renders.
+        @param clock: Provides C{seconds()}.
+        @param controlAllowed: Tells whether C{POST /members/...} may act.
+        """
+        super().__init__()
+        self.putChild(b"status", _Status(proxy, clock))
+        self.putChild(b"metrics", _Metrics(registry))
+        self.putChild(b"healthz", _Healthz())
+        self.putChild(b"readyz", _Readyz(proxy, clock))
+        self.putChild(b"members", _Members(proxy, controlAllowed))
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"mtlsproxy status: /status /metrics /healthz /readyz\n"
+
+
+def isLocal(address: Any) -> bool:
+    """
+    Is C{address} (a listening port's C{getHost()}) reachable from this
+    machine only: a loopback IP address or a UNIX socket?
+    """
+    host = getattr(address, "host", None)
+    if host is None:
+        return hasattr(address, "name")  # UNIXAddress
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class _QuietSite(Site):
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        """
+        No access log line per request: scrapes every few seconds would
+        drown the proxy's own events.
+        """
+
+
+class StatusService(Service):
+    """
+    Serves the status site on the configured endpoint.
+
+    @ivar port: The listening port once listening, else L{None}.
+    @ivar controlAllowed: Whether member control (drain, enable) is served:
+        set once listening, from the address and the TLS settings.
+    """
+
+    log = Logger()
+    name = "status"
+
+    def __init__(
+        self,
+        reactor: Any,
+        proxy: Any,
+        registry: Any,
+        statusConfig: Any,
+        material: Optional[ListenerMaterial] = None,
+    ) -> None:
+        self._reactor = reactor
+        self.config = statusConfig
+        self.resource = StatusResource(proxy, registry, reactor, lambda: self.controlAllowed)
+        self.factory: Any = _QuietSite(self.resource)
+        if statusConfig.tls:
+            from .tlscontext import serverContextFactory
+            from .tlsproto import HalfCloseTLSFactory
+            from .verify import logHandshakeFailure
+
+            assert material is not None
+            self.factory = HalfCloseTLSFactory(
+                serverContextFactory(statusConfig.asListener(), material, clock=reactor),
+                False,
+                self.factory,
+                clock=reactor,
+                handshakeFailed=logHandshakeFailure,
+            )
+        self.port: Optional[IListeningPort] = None
+        self.controlAllowed = False
+
+    def startService(self) -> None:
+        Service.startService(self)
+        endpoint = serverFromString(self._reactor, self.config.endpoint)
+        endpoint.listen(self.factory).addCallbacks(self._listened, self._failed)
+
+    def _listened(self, port: IListeningPort) -> None:
+        self.port = port
+        address = port.getHost()
+        self.controlAllowed = isLocal(address) or (
+            self.config.tls and self.config.client_auth == "required"
+        )
+        host = getattr(address, "host", None)
+        where = str(address) if host is None else (
+            f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+        )
+        self.log.info(
+            "Status endpoint ({scheme}) listening on {address}; member control {control}",
+            scheme="https" if self.config.tls else "http",
+            address=where,
+            control="enabled" if self.controlAllowed else "disabled (not loopback, no client certificates)",
+        )
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure(
+            "Status endpoint could not listen on {endpoint}", failure, endpoint=self.config.endpoint
+        )
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return port.stopListening() or succeed(None)  # type: ignore[return-value]
