@@ -9,8 +9,8 @@ three ports:
   - C{echo}: writes back everything it reads; closes after the peer's EOF.
   - C{sink}: reads and counts until the peer's EOF, then answers with the
     count in ASCII and a newline, and closes.
-  - C{source}: writes an endless stream (256 KiB chunks under flow control)
-    until the peer goes away.
+  - C{source}: writes an endless stream (a constant 256 KiB chunk, as much
+    as the socket takes) until the peer goes away.
 
 Run as C{python bench/backend.py}; it prints one JSON line with the ports and
 serves until its standard input closes (or C{--lifetime} seconds pass), so it
@@ -78,51 +78,72 @@ class Sink(asyncio.BufferedProtocol):
         return False
 
 
-class Source(asyncio.Protocol):
+class SourceServer:
     """
-    Sends L{CHUNK} repeatedly while the transport accepts it.
+    Accepts connections and writes L{CHUNK} to each for as long as the
+    socket takes it, with no buffering in Python: the content never changes,
+    so a partial send needs no bookkeeping.  (An asyncio transport would
+    copy every chunk it could not send at once into its own buffer.)
     """
 
-    transport: Any
+    def __init__(self, loop: asyncio.AbstractEventLoop, port: int) -> None:
+        self.loop = loop
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
+        self.connections: dict[int, socket.socket] = {}
+        loop.add_reader(self.sock.fileno(), self.accept)
 
-    def __init__(self) -> None:
-        self.paused = False
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connections[conn.fileno()] = conn
+            self.loop.add_writer(conn.fileno(), self.send, conn)
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        transport.set_write_buffer_limits(high=1024 * 1024)
-        self.fill()
+    def send(self, conn: socket.socket) -> None:
+        try:
+            conn.send(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.drop(conn)
 
-    def fill(self) -> None:
-        while not self.paused and not self.transport.is_closing():
-            self.transport.write(CHUNK)
+    def drop(self, conn: socket.socket) -> None:
+        self.loop.remove_writer(conn.fileno())
+        self.connections.pop(conn.fileno(), None)
+        conn.close()
 
-    def pause_writing(self) -> None:
-        self.paused = True
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        for conn in list(self.connections.values()):
+            self.drop(conn)
+        self.sock.close()
 
-    def resume_writing(self) -> None:
-        self.paused = False
-        self.fill()
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
+    def getsockname(self) -> Any:
+        return self.sock.getsockname()
 
 
 async def serve(ports: dict[str, int], lifetime: float) -> None:
     loop = asyncio.get_running_loop()
-    servers = {}
-    for name, protocol in (("echo", Echo), ("sink", Sink), ("source", Source)):
+    servers: dict[str, Any] = {}
+    for name, protocol in (("echo", Echo), ("sink", Sink)):
         servers[name] = await loop.create_server(
             protocol, "127.0.0.1", ports.get(name, 0), backlog=4096, reuse_address=True
         )
+    source = SourceServer(loop, ports.get("source", 0))
     print(
         json.dumps(
             {
                 "pid": os.getpid(),
                 **{name: s.sockets[0].getsockname()[1] for name, s in servers.items()},
+                "source": source.getsockname()[1],
             }
         ),
         flush=True,
@@ -138,8 +159,9 @@ async def serve(ports: dict[str, int], lifetime: float) -> None:
         await asyncio.wait_for(stdinClosed, lifetime)
     except asyncio.TimeoutError:
         pass
-    for s in servers.values():
-        s.close()
+    for server in servers.values():
+        server.close()
+    source.close()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -359,6 +359,9 @@ class Proxy:
         self.ports: dict[str, int] = {}
         self.core: Optional[str] = PROXY_CORE
         self.environment: Optional[dict[str, str]] = None
+        self.profileTo: Optional[str] = None
+        self.pySpy = ""
+        self.profiler: Optional[subprocess.Popen[Any]] = None
 
     def missing(self) -> Optional[str]:
         """
@@ -379,6 +382,13 @@ class Proxy:
                                         stdin=subprocess.DEVNULL, env=self.environment)
         try:
             waitForPorts(list(self.ports.values()), self.process)
+            if self.profileTo is not None:
+                self.profiler = subprocess.Popen(
+                    [self.pySpy, "record", "--pid", str(self.process.pid), "--rate", "250", "--nonblocking",
+                     "--subprocesses", "--format", "raw", "-o", self.profileTo],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+                time.sleep(0.5)
         except RuntimeError as e:
             self.stop()
             with open(os.path.join(self.work, "output.log"), errors="replace") as f:
@@ -387,6 +397,14 @@ class Proxy:
 
     def stop(self) -> None:
         if self.process is not None:
+            if self.profiler is not None:
+                self.profiler.send_signal(signal.SIGINT)
+                try:
+                    self.profiler.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.profiler.kill()
+                    self.profiler.wait()
+                self.profiler = None
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
                 try:
@@ -796,6 +814,9 @@ class Bench:
         def fresh(name: str, measure: Callable[[], dict[str, Any]]) -> None:
             if name.split(".")[0] not in tests:
                 return
+            if self.args.profile and isinstance(proxy, MTLSProxy):
+                proxy.pySpy = self.args.pySpy
+                proxy.profileTo = os.path.join(self.args.profile, f"{proxy.name}-{name}.txt")
             proxy.start()
             try:
                 result[name] = measure()
@@ -895,7 +916,8 @@ def summarise(name: str, r: dict[str, Any]) -> str:
             text += f", resumed {r.get('resumed', 0)}/{r['completed']}"
         return text
     if name.startswith("bulk"):
-        return f"{r['MBps']:.0f} MB/s, proxy {r['proxyUtilisation']:.0%}, client core {r['clientCoreBusy']:.0%}, errors {r['errors']}"
+        return (f"{r['MBps']:.0f} MB/s, {r.get('MBperProxyCPUSecond', 0):.0f} MB per proxy CPU-s, proxy"
+                f" {r['proxyUtilisation']:.0%}, client core {r['clientCoreBusy']:.0%}, errors {r['errors']}")
     if name == "latency":
         if not r.get("samples"):
             return f"no samples {r}"
@@ -923,8 +945,10 @@ ROWS = [
     ("resumed handshakes/s", ("resumed", "rate"), "{:.0f}"),
     ("  per proxy CPU-second", ("resumed", "perProxyCPUSecond"), "{:.0f}"),
     ("bulk up, 1 stream MB/s", ("bulk.up1", "MBps"), "{:.0f}"),
+    ("  per proxy CPU-second", ("bulk.up1", "MBperProxyCPUSecond"), "{:.0f}"),
     ("bulk up, 8 streams MB/s", ("bulk.up8", "MBps"), "{:.0f}"),
     ("bulk down, 1 stream MB/s", ("bulk.down1", "MBps"), "{:.0f}"),
+    ("  per proxy CPU-second", ("bulk.down1", "MBperProxyCPUSecond"), "{:.0f}"),
     ("bulk down, 8 streams MB/s", ("bulk.down8", "MBps"), "{:.0f}"),
     ("  up 1: proxy core busy", ("bulk.up1", "proxyUtilisation"), "{:.0%}"),
     ("  down 1: proxy core busy", ("bulk.down1", "proxyUtilisation"), "{:.0%}"),
@@ -1075,11 +1099,18 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--tlscost-count", dest="tlscostCount", type=int, default=1000)
     parser.add_argument("--mtlsproxy-source", dest="source",
                         help="run mtlsproxy from this checkout instead (e.g. a baseline: git worktree add)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record mtlsproxy with py-spy during each test (collapsed stacks in DIR;"
+                             " summarise with bench/profile.py); the figures are then not representative")
+    parser.add_argument("--py-spy", dest="pySpy", default=shutil.which("py-spy") or "py-spy")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configurations, logs)")
     parser.add_argument("--json", help="where to write the results (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
     args.proxies = [p for p in args.proxies.split(",") if p]
     args.tests = [t for t in args.tests.split(",") if t]
+    if args.profile:
+        args.profile = os.path.abspath(args.profile)
+        os.makedirs(args.profile, exist_ok=True)
     if args.quick:
         args.duration, args.bulkDuration, args.latencyDuration, args.warmup = 1.0, 0.5, 1.0, 0.5
         args.idle, args.tlscostCount, args.rate = 50, 50, 500.0

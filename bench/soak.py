@@ -16,19 +16,25 @@ What it does, all on 127.0.0.1:
   2. Warms up, then records the proxy's baseline: open file descriptors
      (C{/proc/PID/fd}) and resident memory (C{VmRSS}).
   3. Runs C{--sequential} connections one after the other, then
-     C{--concurrent} connections all open at once, each with a random
-     payload size (log-uniform up to C{--max-payload}).  Each client sends
-     an 8-byte length and its payload; the backend echoes the payload as
-     it arrives and then sends the SHA-256 of what it received and closes.
-     The client checks both ways: the echo's SHA-256 and the backend's
-     digest must equal the payload's.
-  4. Waits for the proxy to close everything, and compares its descriptors
-     and memory with the baseline.
+     C{--rounds} rounds of C{--concurrent} connections all open at once,
+     each with a random payload size (log-uniform up to C{--max-payload}).
+     Each client sends an 8-byte length and its payload; the backend echoes
+     the payload as it arrives, then sends the SHA-256 of what it received
+     and closes.  The client checks both ways: the echo's SHA-256 and the
+     backend's digest must equal the payload's.
+  4. After each half of the sequential connections and each concurrent
+     round, waits for the proxy to close everything and reads its
+     descriptors and memory.
 
 It prints its figures and exits with status 0 only if every connection
-completed intact and the proxy came back to its baseline (descriptors
-within C{--fd-slack}, memory within C{--rss-slack} MiB); 1 otherwise; 2 if
-it could not run.  Every wait is bounded (C{--timeout} for the whole run).
+completed intact, the proxy's descriptors came back to the baseline
+(within C{--fd-slack}) after every phase, and its memory stopped growing:
+the second half of the sequential connections may add at most
+C{--rss-slack} MiB plus C{--rss-per-connection} KiB per connection, and the
+concurrent rounds after the first at most C{--rss-slack} MiB (the first
+sets the buffers' high-water mark, which the allocator keeps).  It exits
+with 1 otherwise, 2 if it could not run.  Every wait is bounded
+(C{--timeout} for the whole run).
 """
 
 from __future__ import annotations
@@ -275,6 +281,12 @@ class Results:
         self.failures: list[str] = []
         self.latencies: list[float] = []
 
+    def merge(self, other: "Results") -> None:
+        self.completed += other.completed
+        self.bytes += other.bytes
+        self.failures.extend(other.failures)
+        self.latencies.extend(other.latencies)
+
     def fail(self, text: str) -> None:
         if len(self.failures) < 20:
             self.failures.append(text)
@@ -419,7 +431,13 @@ def parseArguments(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run (900)")
     parser.add_argument("--connection-timeout", type=float, default=60.0, help="seconds per connection (60)")
     parser.add_argument("--fd-slack", type=int, default=2, help="descriptors allowed above the baseline (2)")
-    parser.add_argument("--rss-slack", type=float, default=64.0, help="MiB of RSS allowed above the baseline (64)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of concurrent connections (2)")
+    parser.add_argument("--rss-slack", type=float, default=16.0,
+                        help="MiB of RSS growth allowed in the second half of the sequential"
+                             " connections and after the first concurrent round (16)")
+    parser.add_argument("--rss-per-connection", type=float, default=1.0,
+                        help="KiB of RSS growth allowed per connection in the second half of"
+                             " the sequential connections (1)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     parser.add_argument("--keep", metavar="DIR", default=None, help="work in DIR and keep it (PKI, config, proxy log)")
     parser.add_argument("--backend", action="store_true", help=argparse.SUPPRESS)
@@ -457,36 +475,73 @@ def main(argv: Optional[list[str]] = None) -> int:
         baselineCPU = cpuSeconds(pid)
         print(f"baseline: {baselineFDs} fds, RSS {baselineRSS / 1024:.1f} MiB (after {warm.completed} warm-up connections)", flush=True)
 
-        failed = len(warm.failures)
+        problems: list[str] = []
+        failures = len(warm.failures)
+
+        def checkDescriptors(when: str) -> int:
+            count = _settle(pid, baselineFDs, args.fd_slack, 30)
+            if count > baselineFDs + args.fd_slack:
+                problems.append(f"descriptors leaked {when}: {count} open, baseline {baselineFDs}")
+            return count
+
+        # Sequential, in two halves: memory that keeps growing in the second
+        # half (after caches and allocator pools have filled) is a leak.
+        halves = (args.sequential // 2, args.sequential - args.sequential // 2)
+        sequential = Results()
+        rssAfter = []
         t = time.monotonic()
-        sequential = asyncio.run(runSequential(args.sequential, port, context, rng, args.max_payload, args.connection_timeout))
+        for half in halves:
+            part = asyncio.run(runSequential(half, port, context, rng, args.max_payload, args.connection_timeout))
+            sequential.merge(part)
+            checkDescriptors("after sequential connections")
+            rssAfter.append(residentKiB(pid))
         _report("sequential", sequential, args.sequential, time.monotonic() - t)
-        afterSequentialFDs = _settle(pid, baselineFDs, args.fd_slack, 10)
-        print(f"after sequential: {afterSequentialFDs} fds, RSS {residentKiB(pid) / 1024:.1f} MiB", flush=True)
-
-        t = time.monotonic()
-        concurrent = asyncio.run(runConcurrent(args.concurrent, port, context, rng, args.max_payload, args.connection_timeout))
-        _report("concurrent", concurrent, args.concurrent, time.monotonic() - t)
-
-        finalFDs = _settle(pid, baselineFDs, args.fd_slack, 30)
-        finalRSS = residentKiB(pid)
-        cpu = cpuSeconds(pid) - baselineCPU
+        growth = rssAfter[1] - rssAfter[0]
+        allowed = args.rss_slack * 1024 + args.rss_per_connection * halves[1]
         print(
-            f"after concurrent: {finalFDs} fds (baseline {baselineFDs}),"
-            f" RSS {finalRSS / 1024:.1f} MiB (baseline {baselineRSS / 1024:.1f}, +{(finalRSS - baselineRSS) / 1024:.1f}),"
-            f" proxy CPU {cpu:.1f}s",
+            f"  RSS {baselineRSS / 1024:.1f} -> {rssAfter[0] / 1024:.1f} (half) -> {rssAfter[1] / 1024:.1f} MiB;"
+            f" second half +{growth / 1024:.1f} MiB ({growth / max(1, halves[1]) * 1024:.0f} B/connection,"
+            f" allowed {allowed / 1024:.1f} MiB)",
             flush=True,
         )
-        failed += len(sequential.failures) + len(concurrent.failures)
-        problems = []
-        if failed:
-            problems.append(f"{failed} connection(s) failed")
-        if sequential.completed != args.sequential or concurrent.completed != args.concurrent:
-            problems.append("not every connection completed intact")
-        if finalFDs > baselineFDs + args.fd_slack:
-            problems.append(f"descriptors leaked: {finalFDs} open, baseline {baselineFDs}")
-        if finalRSS - baselineRSS > args.rss_slack * 1024:
-            problems.append(f"RSS grew by {(finalRSS - baselineRSS) / 1024:.1f} MiB (allowed {args.rss_slack})")
+        if growth > allowed:
+            problems.append(
+                f"RSS grew by {growth / 1024:.1f} MiB over the last {halves[1]} sequential connections"
+                f" (allowed {allowed / 1024:.1f})"
+            )
+
+        # Concurrent, in rounds: the first sets the high-water mark of the
+        # buffers; the next ones must not go beyond it.
+        concurrent = Results()
+        rssRounds = []
+        t = time.monotonic()
+        for _ in range(args.rounds):
+            part = asyncio.run(runConcurrent(args.concurrent, port, context, rng, args.max_payload, args.connection_timeout))
+            concurrent.merge(part)
+            checkDescriptors("after concurrent connections")
+            rssRounds.append(residentKiB(pid))
+        _report(f"concurrent ({args.rounds} x {args.concurrent})", concurrent, args.rounds * args.concurrent, time.monotonic() - t)
+        growth = rssRounds[-1] - rssRounds[0]
+        print(
+            f"  RSS after each round: {', '.join(f'{r / 1024:.1f}' for r in rssRounds)} MiB;"
+            f" growth after the first +{growth / 1024:.1f} MiB (allowed {args.rss_slack:.1f})",
+            flush=True,
+        )
+        if growth > args.rss_slack * 1024:
+            problems.append(f"RSS grew by {growth / 1024:.1f} MiB after the first concurrent round")
+
+        finalFDs = openDescriptors(pid)
+        finalRSS = residentKiB(pid)
+        print(
+            f"end: {finalFDs} fds (baseline {baselineFDs}), RSS {finalRSS / 1024:.1f} MiB"
+            f" (baseline {baselineRSS / 1024:.1f}), proxy CPU {cpuSeconds(pid) - baselineCPU:.1f}s",
+            flush=True,
+        )
+        failures += len(sequential.failures) + len(concurrent.failures)
+        if failures:
+            problems.insert(0, f"{failures} connection(s) failed")
+        if sequential.completed != args.sequential or concurrent.completed != args.rounds * args.concurrent:
+            problems.insert(0, "not every connection completed intact")
         if processes.proxy.poll() is not None:
             problems.append(f"the proxy exited with status {processes.proxy.returncode}")
         print(f"soak: {'FAILED: ' + '; '.join(problems) if problems else 'OK'} in {time.monotonic() - started:.1f}s", flush=True)

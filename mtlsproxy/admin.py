@@ -397,7 +397,10 @@ def makeNamespace(proxy: Any, clock: Any) -> dict[str, Any]:
         reloader = getattr(proxy, "reloader", None)
         if reloader is None or not callable(getattr(reloader, "reload", None)):
             return _Text("reload is not available in this version of mtlsproxy")
-        return reloader.reload()
+        result = reloader.reload()
+        if isinstance(result, Deferred):
+            return result
+        return _Text(str(result))
 
     def help(*args: Any) -> _Text:
         """This text (Python's interactive help would block the proxy)."""

@@ -305,9 +305,13 @@ class BackendTLSError(Exception):
         self.pool = pool
         self.serverName = serverName
         self.depth = depth
-        self.certificateSubject = None if certificate is None else certificate.subject.rfc4514_string()
-        self.certificateIssuer = None if certificate is None else certificate.issuer.rfc4514_string()
-        self.certificateSerial = None if certificate is None else f"{certificate.serial_number:x}"
+        self.certificateSubject: Optional[str] = None
+        self.certificateIssuer: Optional[str] = None
+        self.certificateSerial: Optional[str] = None
+        if certificate is not None:
+            self.certificateSubject = certificate.subject.rfc4514_string()
+            self.certificateIssuer = certificate.issuer.rfc4514_string()
+            self.certificateSerial = f"{certificate.serial_number:x}"
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.error}"
@@ -341,10 +345,12 @@ def _openSSLTexts(error: BaseException) -> list[str]:
     The reason texts of a pyOpenSSL C{SSL.Error}, whose argument is a list
     of C{(library, function, reason)} tuples.
     """
-    texts = []
+    texts: list[str] = []
     for argument in error.args:
         if isinstance(argument, list):
-            texts.extend(str(entry[2]) for entry in argument if isinstance(entry, tuple) and len(entry) == 3)
+            texts.extend(
+                str(entry[2]) for entry in argument if isinstance(entry, tuple) and len(entry) == 3
+            )
     return texts
 
 
@@ -707,7 +713,9 @@ class _Session:
                 pool=self.creator.tls.poolName,
             )
             try:
-                self._fail(connection, INTERNAL_ERROR, "verification raised an exception", depth, None)
+                self._fail(
+                    connection, INTERNAL_ERROR, "verification raised an exception", depth, None
+                )
             except Exception:
                 pass
             return False
@@ -754,7 +762,7 @@ class _Session:
         C{failVerification} makes it the reason its application protocol's
         C{connectionLost} receives.
         """
-        error = BackendTLSError(
+        failure = BackendTLSError(
             reason,
             error,
             self.creator.member,
@@ -764,10 +772,10 @@ class _Session:
             certificate,
         )
         if self.failure is None:
-            self.failure = error
+            self.failure = failure
         failVerification = getattr(connection.get_app_data(), "failVerification", None)
         if failVerification is not None:
-            failVerification(Failure(error))
+            failVerification(Failure(failure))
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -991,7 +999,9 @@ class BackendTLSProtocol(HalfCloseTLSProtocol):
         now = clock.seconds()
         handshakeTime = now - self._connectedAt
         remaining = self.factory.timeout - handshakeTime
-        wait = min(max(2 * handshakeTime, ACCEPTANCE_WAIT_MIN), ACCEPTANCE_WAIT_MAX, max(remaining, 0.0))
+        wait = min(
+            max(2 * handshakeTime, ACCEPTANCE_WAIT_MIN), ACCEPTANCE_WAIT_MAX, max(remaining, 0.0)
+        )
         if self._timeoutCall is not None and self._timeoutCall.active():
             self._timeoutCall.cancel()
         self._timeoutCall = None

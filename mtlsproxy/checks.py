@@ -25,7 +25,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .config import CertificateConfig, ListenerConfig, ProxyConfig
+from .backendtls import BackendTLSMaterial
+from .config import CertificateConfig, ListenerConfig, PoolConfig, ProxyConfig
 from .errors import ConfigurationError
 from .material import (
     ListenerMaterial,
@@ -33,6 +34,7 @@ from .material import (
     ServerCertificate,
     loadCertificates,
     loadCRLs,
+    loadPrivateKey,
     loadServerCertificate,
     sourceKey,
 )
@@ -60,11 +62,14 @@ class LoadedConfiguration:
     @ivar listeners: The material of each C{tls} and C{https} listener, by
         listener name; C{tcp} listeners have no entry.
     @ivar warnings: One line each: problems that do not stop the proxy.
+    @ivar backends: The material of each pool with C{[pools.tls]}, by pool
+        name.
     """
 
     config: ProxyConfig
     listeners: dict[str, ListenerMaterial]
     warnings: tuple[str, ...]
+    backends: dict[str, BackendTLSMaterial] = attrs.field(factory=dict)
 
 
 def checkConfiguration(config: ProxyConfig, now: datetime) -> LoadedConfiguration:
@@ -92,9 +97,14 @@ def checkConfiguration(config: ProxyConfig, now: datetime) -> LoadedConfiguratio
                     listener, f"listeners[{index}]", now, warnings, soon
                 )
         _checkPools(config, warnings)
+        backends = {
+            pool.name: _checkBackendTLS(pool, f"pools[{index}].tls", now, warnings, soon)
+            for index, pool in enumerate(config.pools)
+            if pool.tls is not None
+        }
     except ConfigurationError as e:
         raise e.inFile(config.path) from None
-    return LoadedConfiguration(config, listeners, tuple(warnings))
+    return LoadedConfiguration(config, listeners, tuple(warnings), backends)
 
 
 # ---------------------------------------------------------------------------
@@ -136,14 +146,43 @@ def _spki(publicKey: object) -> bytes:
     )
 
 
-def _inChain(number: int, cert: x509.Certificate) -> str:
+def _inChain(number: int, cert: x509.Certificate, leaf: str = "the server certificate") -> str:
     """
-    Name a certificate of a server chain: the first is I{the server
-    certificate}, the others are numbered from 1 like the file.
+    Name a certificate of a chain: the first is C{leaf}, the others are
+    numbered from 1 like the file.
     """
     if number == 1:
-        return f"the server certificate ({_name(cert.subject)})"
+        return f"{leaf} ({_name(cert.subject)})"
     return f"chain certificate {number} ({_name(cert.subject)})"
+
+
+@attrs.frozen
+class _BackendOwner:
+    """
+    A pool's C{[pools.tls]} where the helpers below take a listener: whose
+    CAs and CRLs they check (for messages) and its CRL policies.
+    """
+
+    name: str
+    crl_missing: str
+    crl_expired: str
+
+
+def _label(owner: ListenerConfig | _BackendOwner) -> str:
+    """
+    Whose material a message is about: C{listener 'x'} or C{pool 'x'
+    [pools.tls]}.
+    """
+    if isinstance(owner, _BackendOwner):
+        return f"pool {owner.name!r} [pools.tls]"
+    return f"listener {owner.name!r}"
+
+
+def _peers(owner: ListenerConfig | _BackendOwner) -> str:
+    """
+    Whose certificates the CAs and CRLs of C{owner} verify.
+    """
+    return "member certificates" if isinstance(owner, _BackendOwner) else "client certificates"
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +253,7 @@ def _checkListener(
 
 
 def _checkCAs(
-    listener: ListenerConfig,
+    listener: ListenerConfig | _BackendOwner,
     paths: Sequence[str],
     where: str,
     now: datetime,
@@ -237,7 +276,7 @@ def _checkCAs(
 
 
 def _checkCRLs(
-    listener: ListenerConfig,
+    listener: ListenerConfig | _BackendOwner,
     paths: Sequence[str],
     where: str,
     cas: Sequence[x509.Certificate],
@@ -288,26 +327,46 @@ def _checkServerCertificate(
     if sources is not None:
         for cert in chain:
             sources.setdefault(sourceKey(cert), certPath)
+    _checkValidity(listener, chain, certPath, certWhere, now, warnings, soon)
+    _checkServerUsage(listener, chain[0], certPath, warnings)
+    return ServerCertificate(chain, key)
+
+
+def _checkValidity(
+    owner: ListenerConfig | _BackendOwner,
+    chain: Sequence[x509.Certificate],
+    certPath: str,
+    where: str,
+    now: datetime,
+    warnings: list[str],
+    soon: timedelta,
+    leaf: str = "the server certificate",
+) -> None:
+    """
+    Refuse a chain with a certificate that is not valid now; warn about one
+    that expires sooner than C{soon}.
+
+    @param where: The key path of the file's setting.
+    @param leaf: What the first certificate is, for messages.
+    """
     for number, cert in enumerate(chain, 1):
-        which = f"{_inChain(number, cert)} in {certPath}"
+        which = f"{_inChain(number, cert, leaf)} in {certPath}"
         if cert.not_valid_before_utc > now:
             raise ConfigurationError(
                 f"{which} is not valid before {_when(cert.not_valid_before_utc)}",
-                key=certWhere,
+                key=where,
             )
         if cert.not_valid_after_utc < now:
             raise ConfigurationError(
                 f"{which} expired on {_when(cert.not_valid_after_utc)}",
-                key=certWhere,
+                key=where,
             )
         left = cert.not_valid_after_utc - now
         if left < soon:
             warnings.append(
-                f"listener {listener.name!r}: {which} expires on"
+                f"{_label(owner)}: {which} expires on"
                 f" {_when(cert.not_valid_after_utc)}, {_inDays(left)}"
             )
-    _checkServerUsage(listener, chain[0], certPath, warnings)
-    return ServerCertificate(chain, key)
 
 
 def _checkKeyMatches(
@@ -376,7 +435,7 @@ def _checkServerUsage(
 
 
 def _checkCA(
-    listener: ListenerConfig,
+    listener: ListenerConfig | _BackendOwner,
     ca: x509.Certificate,
     path: str,
     now: datetime,
@@ -394,19 +453,19 @@ def _checkCA(
         isCA = False
     if not isCA:
         warnings.append(
-            f"listener {listener.name!r}: {which} is not a CA certificate"
-            " (basicConstraints CA:TRUE missing); client certificates cannot be"
+            f"{_label(listener)}: {which} is not a CA certificate"
+            f" (basicConstraints CA:TRUE missing); {_peers(listener)} cannot be"
             " verified with it"
         )
     if ca.not_valid_after_utc < now:
         warnings.append(
-            f"listener {listener.name!r}: {which} expired on"
-            f" {_when(ca.not_valid_after_utc)}; client certificates issued under"
+            f"{_label(listener)}: {which} expired on"
+            f" {_when(ca.not_valid_after_utc)}; {_peers(listener)} issued under"
             " it will be rejected"
         )
     elif ca.not_valid_after_utc - now < soon:
         warnings.append(
-            f"listener {listener.name!r}: {which} expires on"
+            f"{_label(listener)}: {which} expires on"
             f" {_when(ca.not_valid_after_utc)}, {_inDays(ca.not_valid_after_utc - now)}"
         )
 
@@ -422,7 +481,7 @@ def _signs(ca: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
 
 
 def _checkCRL(
-    listener: ListenerConfig,
+    listener: ListenerConfig | _BackendOwner,
     crl: x509.CertificateRevocationList,
     label: str,
     cas: Sequence[x509.Certificate],
@@ -456,24 +515,24 @@ def _checkCRL(
     if nextUpdate is not None and nextUpdate < now:
         if listener.crl_expired == "reject":
             consequence = (
-                'with crl_expired = "reject" client certificates it covers are'
+                f'with crl_expired = "reject" {_peers(listener)} it covers are'
                 " rejected until it is replaced"
             )
         else:
             consequence = 'it is still used because crl_expired = "allow"'
         warnings.append(
-            f"listener {listener.name!r}: {label} (issuer {issuer}) is past its"
+            f"{_label(listener)}: {label} (issuer {issuer}) is past its"
             f" nextUpdate {_when(nextUpdate)}; {consequence}"
         )
     if crl.last_update_utc > now:
         warnings.append(
-            f"listener {listener.name!r}: {label} (issuer {issuer}) is not valid"
+            f"{_label(listener)}: {label} (issuer {issuer}) is not valid"
             f" before {_when(crl.last_update_utc)}"
         )
 
 
 def _checkCoverage(
-    listener: ListenerConfig,
+    listener: ListenerConfig | _BackendOwner,
     cas: Sequence[x509.Certificate],
     crls: Sequence[x509.CertificateRevocationList],
     warnings: list[str],
@@ -490,9 +549,11 @@ def _checkCoverage(
         CAs and CRLs these are, or L{None} for the listener's.
     """
     if clientAuth is None:
+        assert isinstance(listener, ListenerConfig)
         clientAuth = listener.client_auth
-    owner = f"listener {listener.name!r}" + (f" {entry}" if entry else "")
+    owner = _label(listener) + (f" {entry}" if entry else "")
     if clientAuth == "off":
+        assert isinstance(listener, ListenerConfig)
         if entry is None and (listener.ca_certificates or listener.crls):
             warnings.append(
                 f"{owner}: ca_certificates and crls are not used"
@@ -506,8 +567,8 @@ def _checkCoverage(
         if ca.subject not in covered:
             warning = (
                 f"{owner}: no CRL is configured for CA"
-                f' {_name(ca.subject)}; with crl_missing = "reject" client'
-                " certificates verified through it are rejected"
+                f' {_name(ca.subject)}; with crl_missing = "reject" {_peers(listener)}'
+                " verified through it are rejected"
             )
             if warning not in warnings:
                 warnings.append(warning)
@@ -541,3 +602,34 @@ def _checkPools(config: ProxyConfig, warnings: list[str]) -> None:
                 f"pool {pool.name!r}: every member has weight 0, so no connection"
                 " is ever sent to it"
             )
+
+
+def _checkBackendTLS(
+    pool: PoolConfig, where: str, now: datetime, warnings: list[str], soon: timedelta
+) -> BackendTLSMaterial:
+    """
+    Load and check the material of a pool's C{[pools.tls]}: its CAs and
+    CRLs as a listener's, and the proxy's client certificate (key matches,
+    chain in order, valid now) as a listener's server certificate.
+
+    @param where: The table's key path, C{pools[0].tls}.
+    """
+    tls = pool.tls
+    assert tls is not None
+    owner = _BackendOwner(pool.name, tls.crl_missing, tls.crl_expired)
+    sources: dict[bytes, str] = {}
+    cas = _checkCAs(owner, tls.ca_certificates, where, now, warnings, soon, sources)
+    crls = _checkCRLs(owner, tls.crls, where, cas, now, warnings, sources)
+    if crls:
+        # Without CRLs revocation is not checked, so none can be missing.
+        _checkCoverage(owner, cas, crls, warnings, "on")
+    if tls.cert is None or tls.key is None:
+        return BackendTLSMaterial(cas, crls)
+    chain = loadCertificates(tls.cert, f"{where}.cert")
+    key = loadPrivateKey(tls.key, f"{where}.key")
+    _checkKeyMatches(chain, key, tls.cert, tls.key, f"{where}.key")
+    _checkChainOrder(chain, tls.cert, f"{where}.cert")
+    _checkValidity(
+        owner, chain, tls.cert, f"{where}.cert", now, warnings, soon, "the client certificate"
+    )
+    return BackendTLSMaterial(cas, crls, chain, key)

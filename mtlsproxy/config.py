@@ -1085,6 +1085,12 @@ class PoolConfig:
                 'only allowed with proxy_protocol = "v2" (a v1 header has no room for it)',
                 key="proxy_protocol_certificate",
             )
+        if self.proxy_protocol != "none" and getattr(self, "tls", None) is not None:
+            raise ConfigurationError(
+                "a PROXY protocol header to members over TLS ([pools.tls]) is not"
+                " supported yet",
+                key="proxy_protocol",
+            )
         from .health import PassiveEjectionConfig
 
         PassiveEjectionConfig(

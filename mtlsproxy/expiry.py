@@ -8,6 +8,13 @@ clients and every CRL (its nextUpdate), with the file it came from and the
 time left.  L{ExpiryMonitor} logs the ones due within
 C{expiry_warning_days} (L{EXPIRING_FORMAT}) at start-up, after each reload
 and once a day.  The status endpoint reads the same report as data.
+
+A CRL is usually replaced long before its nextUpdate (a CA that publishes
+every day may give each list a week), so warning about every CRL due
+within C{expiry_warning_days} would warn all the time.  A CRL is reported
+once it is due within C{expiry_warning_days} I{and} past the first half of
+its validity (thisUpdate to nextUpdate): a list that should have been
+replaced by then.
 """
 
 from __future__ import annotations
@@ -88,6 +95,8 @@ class ExpiryItem:
         (UTC); L{None} for a CRL without nextUpdate.
     @ivar seconds_left: Seconds from the report's time to C{not_after}
         (negative once past); L{None} without C{not_after}.
+    @ivar validity_seconds: The length of its validity (notBefore to
+        notAfter, thisUpdate to nextUpdate), or L{None}.
     """
 
     listener: str
@@ -97,6 +106,7 @@ class ExpiryItem:
     serial: Optional[str]
     not_after: Optional[datetime]
     seconds_left: Optional[float]
+    validity_seconds: Optional[float] = None
 
     def asDict(self) -> dict[str, Any]:
         """
@@ -112,6 +122,16 @@ class ExpiryItem:
         Does it run out within C{seconds} (or has it already)?
         """
         return self.seconds_left is not None and self.seconds_left <= seconds
+
+    def warnWithin(self, seconds: float) -> bool:
+        """
+        Should it be warned about with a warning period of C{seconds}: due
+        within it, and for a CRL also past half its validity (see the
+        module docstring)?
+        """
+        if self.kind == CRL and self.validity_seconds is not None:
+            seconds = min(seconds, self.validity_seconds / 2)
+        return self.dueWithin(seconds)
 
 
 def _listenerItems(
@@ -131,14 +151,21 @@ def _listenerItems(
         if isinstance(item, x509.Certificate):
             subject = item.subject.rfc4514_string()
             serial: Optional[str] = f"{item.serial_number:x}"
+            notBefore: datetime = item.not_valid_before_utc
             notAfter: Optional[datetime] = item.not_valid_after_utc
         else:
             subject = item.issuer.rfc4514_string()
             serial = None
+            notBefore = item.last_update_utc
             notAfter = item.next_update_utc
-        left = None if notAfter is None else (notAfter - now).total_seconds()
+        left = validity = None
+        if notAfter is not None:
+            left = (notAfter - now).total_seconds()
+            validity = (notAfter - notBefore).total_seconds()
         items.append(
-            ExpiryItem(listener, kind, material.sourceOf(item), subject, serial, notAfter, left)
+            ExpiryItem(
+                listener, kind, material.sourceOf(item), subject, serial, notAfter, left, validity
+            )
         )
 
     for certificate in material.certificates:
@@ -182,9 +209,10 @@ class ExpiryMonitor:
     Logs what is due within C{warningDays}: on L{check}, and daily between
     L{start} and L{stop}.
 
-    @ivar clock: Provides C{seconds} and C{callLater}.
+    @ivar clock: Provides C{callLater}.
     @ivar materials: Returns the material in force, by listener name.
     @ivar warningDays: The C{expiry_warning_days} setting.
+    @ivar now: Returns the current time.
     """
 
     log = Logger()
@@ -194,26 +222,31 @@ class ExpiryMonitor:
         clock: Any,
         materials: Callable[[], Mapping[str, ListenerMaterial]],
         warningDays: int,
+        now: Optional[Callable[[], datetime]] = None,
     ) -> None:
+        """
+        @param now: Default the C{clock}'s C{seconds()} as UTC.
+        """
         self.clock = clock
         self.materials = materials
         self.warningDays = warningDays
+        self.now = now or (lambda: datetime.fromtimestamp(clock.seconds(), timezone.utc))
         self._daily: Optional[IDelayedCall] = None
 
     def report(self) -> list[ExpiryItem]:
         """
         The L{expiryReport} of the material in force, now.
         """
-        now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
-        return expiryReport(self.materials(), now)
+        return expiryReport(self.materials(), self.now())
 
     def check(self) -> list[ExpiryItem]:
         """
-        Log a warning for each item due within C{warningDays}.
+        Log a warning for each item due within C{warningDays} (see
+        L{ExpiryItem.warnWithin}).
 
         @return: Those items.
         """
-        due = [i for i in self.report() if i.dueWithin(self.warningDays * DAY)]
+        due = [i for i in self.report() if i.warnWithin(self.warningDays * DAY)]
         for item in due:
             assert item.seconds_left is not None and item.not_after is not None
             self.log.warn(

@@ -173,6 +173,20 @@ def _describe(address: IAddress) -> tuple[str, int, str]:
     return (host, port, _hostPort(host, port))
 
 
+def _noDelay(transport: Any) -> None:
+    """
+    Turn off Nagle's algorithm on a TCP transport (or the one under a TLS
+    transport): requests and responses are written as soon as they are
+    read, and a small write held back until a delayed ACK adds up to 40 ms.
+    """
+    setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setTcpNoDelay is not None:
+        try:
+            setTcpNoDelay(True)
+        except OSError:
+            pass
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")
@@ -303,7 +317,7 @@ class _BackendWriteControl:
         pass
 
 
-class _BackendConnector(ClientFactory):
+class _BackendConnector(ClientFactory["BackendHTTPProtocol"]):
     """
     One connection attempt to one member, for one exchange.
     """
@@ -355,6 +369,7 @@ class BackendHTTPProtocol(Protocol):
         self.gone = False
         self.writePaused = False
         self._readPaused = False
+        self._producing = False
         self.uses = 0
 
     @property
@@ -367,9 +382,11 @@ class BackendHTTPProtocol(Protocol):
         the connection to the exchange that asked for it.
         """
         self.member.connectSucceeded()
+        _noDelay(self.transport)
         self.transport.registerProducer(_BackendWriteControl(self), True)
+        self._producing = True
         if self.target.proxyProtocol != "none" and self.owner is not None:
-            self.transport.write(self.target.preamble(self.owner.transport))
+            self.transport.write(self.target.preamble(getattr(self.owner, "transport")))
         connector, self.connector = self.connector, None
         if connector is not None:
             connector.exchange._connected(connector, self)
@@ -402,11 +419,13 @@ class BackendHTTPProtocol(Protocol):
         self.proxyFactory.backends.discard(self)
         exchange = self.exchange
         if exchange is not None:
-            try:
-                self.conn.receive_data(b"")
-            except RuntimeError:
-                pass
-            exchange._backendEvents(self)
+            if exchange.responseStarted:
+                # The end of a response delimited by the connection's end.
+                try:
+                    self.conn.receive_data(b"")
+                except RuntimeError:
+                    pass
+                exchange._backendEvents(self)
             if self.exchange is exchange:
                 exchange._backendLost(self, reason)
 
@@ -433,6 +452,9 @@ class BackendHTTPProtocol(Protocol):
 
     def close(self) -> None:
         if not self.gone:
+            if self._producing:
+                self._producing = False
+                self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def abort(self) -> None:
@@ -525,8 +547,13 @@ class _Exchange:
         self.attempts += 1
         attempt = _BackendConnector(self, member, self.owner)
         self._attempt = attempt
+        connectWith: Any = attempt
+        if self.target.backendTLS is not None:
+            connectWith = self.target.backendTLS.wrapFactory(
+                member, attempt, self.reactor, self.target.connectTimeout
+            )
         attempt.connector = self.reactor.connectTCP(
-            member.address, member.port, attempt, timeout=self.target.connectTimeout
+            member.address, member.port, connectWith, timeout=self.target.connectTimeout
         )
 
     def _connectFailed(self, attempt: _BackendConnector, reason: Failure) -> None:
@@ -736,11 +763,12 @@ class _Exchange:
                 self._cancelResponseTimer()
                 self.responseStarted = True
                 self.status = event.status_code
+                headers = responseHeaders(event.headers.raw_items())
+                if client._finishing:
+                    headers.append((b"Connection", b"close"))
                 client._send(
                     h11.Response(
-                        status_code=event.status_code,
-                        headers=responseHeaders(event.headers.raw_items()),
-                        reason=event.reason,
+                        status_code=event.status_code, headers=headers, reason=event.reason
                     )
                 )
             elif isinstance(event, h11.Data):
@@ -922,7 +950,7 @@ class _ClientWriteControl:
         pass
 
 
-class HTTPProxyFactory(Factory):
+class HTTPProxyFactory(Factory["HTTPProxyProtocol"]):
     """
     Builds an L{HTTPProxyProtocol} per client connection of an C{https}
     listener; wrap it in L{mtlsproxy.tlsproto.HalfCloseTLSFactory}.
@@ -975,6 +1003,7 @@ class HTTPProxyFactory(Factory):
         self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.gate = gate
         self.backends = BackendConnectionCache(reactor)
+        self.live: set[HTTPProxyProtocol] = set()
 
     @classmethod
     def fromListener(cls, reactor: Any, listener: Any, router: Router, **kwargs: Any) -> HTTPProxyFactory:
@@ -1009,9 +1038,13 @@ class HTTPProxyFactory(Factory):
 
     def stopFactory(self) -> None:
         """
-        The listener stopped: close the idle backend connections.
+        The listener stopped (shutdown, reload): close the idle backend
+        connections, and every client connection once its current response
+        is complete (with C{Connection: close}), idle ones at once.
         """
         self.backends.closeAll()
+        for protocol in list(self.live):
+            protocol.finish()
 
 
 @implementer(IHandshakeListener, IHalfCloseableProtocol)
@@ -1055,6 +1088,8 @@ class HTTPProxyProtocol(Protocol):
         self._bytesIn = 0
         self._bytesOut = 0
         self._closeReason: Optional[str] = None
+        self._producing = False
+        self._finishing = False
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -1063,6 +1098,7 @@ class HTTPProxyProtocol(Protocol):
         self._started = factory.reactor.seconds()
         self._peerHost, self._peerPort, self._peer = _describe(self.transport.getPeer())
         self.connectionId = factory.connections.add(self)
+        factory.live.add(self)
         factory.metrics.connectionOpened()
         gate = factory.gate
         if gate is not None:
@@ -1093,6 +1129,10 @@ class HTTPProxyProtocol(Protocol):
         self._tls = tlsInfoOf(self.transport)
         self._ready()
 
+    def makeConnection(self, transport: Any) -> None:
+        _noDelay(transport)
+        super().makeConnection(transport)
+
     def _ready(self) -> None:
         from .identity import verifyStatus
         from .limits import IdleTimer
@@ -1104,8 +1144,11 @@ class HTTPProxyProtocol(Protocol):
         )
         self.phase = ClientPhase.IDLE
         self.transport.registerProducer(_ClientWriteControl(self), True)
+        self._producing = True
         self._idle = IdleTimer(factory.reactor, factory.timeouts.idle, self._idleTimedOut)
         self._idle.start()
+        if self._finishing:
+            self._close()
 
     def _handshakeTimedOut(self) -> None:
         self._handshakeDeadline = None
@@ -1150,6 +1193,7 @@ class HTTPProxyProtocol(Protocol):
         if self._clientGone:
             return
         self._clientGone = True
+        self.factory.live.discard(self)
         self._cancelHandshakeDeadline()
         if self._idle is not None:
             self._idle.stop()
@@ -1395,6 +1439,7 @@ class HTTPProxyProtocol(Protocol):
             return
         if (
             not closeClient
+            and not self._finishing
             and self.conn.our_state is h11.DONE
             and self.conn.their_state is h11.DONE
         ):
@@ -1417,7 +1462,14 @@ class HTTPProxyProtocol(Protocol):
         if self._idle is not None:
             # Bounds how long closing may take.
             self._idle.start()
+        # A TLS transport closes only once its producer is gone.
+        self._unregisterProducer()
         self.transport.loseConnection()
+
+    def _unregisterProducer(self) -> None:
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
 
     # -- operator and shutdown ------------------------------------------------
 
@@ -1457,6 +1509,19 @@ class HTTPProxyProtocol(Protocol):
             exchange.closeNow(Outcome.CLOSED)
         else:
             self._close()
+
+    def finish(self) -> None:
+        """
+        Close the connection gracefully: now if it is between requests,
+        else after the current response, which tells the client with
+        C{Connection: close}.
+        """
+        self._finishing = True
+        if self.phase is ClientPhase.IDLE and self._exchange is None:
+            self._closeReason = self._closeReason or "shutdown"
+            self._close()
+        elif self.phase is ClientPhase.HANDSHAKING:
+            self._closeReason = self._closeReason or "shutdown"
 
     def abort(self) -> None:
         """

@@ -147,8 +147,22 @@ def tlsInfoOf(transport: Any) -> ClientTLSInfo:
         chain=chain,
         verifyFailure=failure[0] if failure else None,
         verifyErrorNumber=failure[1] if failure else 0,
-        resumed=bool(handle.session_reused()),
+        resumed=_sessionReused(handle),
     )
+
+
+def _sessionReused(connection: SSL.Connection) -> bool:
+    """
+    Was the session of C{connection} resumed?  (pyOpenSSL has no public
+    wrapper for C{SSL_session_reused}; this is the binding Twisted's
+    C{_sslverify} also reaches into.)
+    """
+    try:
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(connection._ssl))  # type: ignore[attr-defined]
+    except Exception:
+        return False
 
 
 # ---------------------------------------------------------------------------

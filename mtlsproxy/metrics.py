@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "ProxyMetrics",
     "ProxyStateCollector",
     "render",
+    "renderFor",
 ]
 
 HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -240,6 +241,18 @@ def render(registry: CollectorRegistry) -> bytes:
     (its content type is L{CONTENT_TYPE_LATEST}).
     """
     return generate_latest(registry)
+
+
+def renderFor(registry: CollectorRegistry, accept: Optional[str]) -> tuple[bytes, str]:
+    """
+    The metrics of C{registry} in the format the scraper's C{Accept} header
+    asks for (the Prometheus text format, or OpenMetrics), as
+    C{prometheus_client}'s own HTTP handlers negotiate it.
+
+    @return: The body and its content type.
+    """
+    encoder, contentType = choose_encoder(accept or "")
+    return encoder(registry), contentType
 
 
 def _seconds(clock: Any) -> float:

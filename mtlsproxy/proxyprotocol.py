@@ -222,7 +222,7 @@ class _ProxyHeaderReader(ProtocolWrapper):
     log = Logger()
 
     def __init__(self, factory: ProxyProtocolAcceptor, wrappedProtocol: Any) -> None:
-        super().__init__(factory, wrappedProtocol)
+        super().__init__(factory, wrappedProtocol)  # type: ignore[arg-type]
         self._buffer = b""
         self._parser: Union[V1Parser, V2Parser, None] = None
         self._info: Any = None
@@ -312,7 +312,7 @@ class _ProxyHeaderReader(ProtocolWrapper):
         self._source = _normalized(info.source)
         self._destination = _normalized(info.destination)
         self._passing = True
-        self.wrappedProtocol.makeConnection(self)
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
         if remaining and self._passing and not self.transport.disconnecting:
             self.wrappedProtocol.dataReceived(remaining)
 
@@ -369,7 +369,7 @@ def _describe(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class ProxyProtocolAcceptor(WrappingFactory):
+class ProxyProtocolAcceptor(WrappingFactory["_ProxyHeaderReader"]):
     """
     Wraps a listener's factory (the TLS one for C{tls} and C{https}
     listeners) so that every connection must come from a trusted proxy and

@@ -32,6 +32,7 @@ import enum
 from typing import Any, Optional
 
 import attrs
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ConnectionDone, NotConnectingError
 from twisted.internet.interfaces import (
     IAddress,
@@ -44,6 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .backendtls import logBackendTLSFailure
 from .drain import ConnectionInfo, ConnectionRegistry
 from .limits import ConnectionGate, IdleTimer, Timeouts
 from .metrics import NO_METRICS, ListenerMetrics
@@ -187,12 +189,24 @@ def _tlsFactsOf(transport: Any) -> _TLSFacts:
     )
 
 
+RELAY_BUFFER_SIZE = 2**18
+"""
+The C{bufferSize} of the TCP transports of a proxied connection: how much one
+read takes from the socket, and how much may wait in a transport's send
+buffer before its producer (the other side) is paused.  Twisted's default
+(64 KiB) makes a relay read, encrypt and write in small pieces and pause and
+resume the other side about once per write; memory stays bounded all the
+same (at most this much per direction, plus the kernel's socket buffers).
+"""
+
+
 def _noDelay(transport: Any) -> None:
     """
-    Turn off Nagle's algorithm on a TCP transport (or the one under a TLS
-    transport).  A relay writes what it read at once; a small write held
-    back until the peer's delayed ACK (up to 40 ms) would stall TLS
-    handshakes, session tickets and short replies.
+    Tune the TCP transport of one side of a relay (or the one under its TLS
+    transport): turn off Nagle's algorithm, since a relay writes what it
+    read at once and a small write held back until the peer's delayed ACK
+    (up to 40 ms) would stall TLS handshakes, session tickets and short
+    replies; and move data in L{RELAY_BUFFER_SIZE} pieces.
     """
     setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
     if setTcpNoDelay is not None:
@@ -200,6 +214,12 @@ def _noDelay(transport: Any) -> None:
             setTcpNoDelay(True)
         except OSError:
             pass
+    tcp = transport
+    while isinstance(getattr(tcp, "wrappedProtocol", None), Protocol):
+        # A protocol wrapper (TLS): the TCP transport is underneath.
+        tcp = tcp.transport
+    if isinstance(tcp, FileDescriptor):
+        tcp.bufferSize = RELAY_BUFFER_SIZE
 
 
 def _hostPort(host: str, port: int) -> str:
@@ -245,6 +265,8 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
         (L{mtlsproxy.limits.Timeouts}; its defaults unless given).
     @ivar gate: Counts client connections against C{max_connections}
         (L{mtlsproxy.limits.ConnectionGate}), or L{None} for no limit.
+    @ivar backendTLS: The L{mtlsproxy.backendtls.BackendTLS} of each pool
+        whose members are connected with TLS, by pool name.
     """
 
     noisy = False
@@ -264,8 +286,10 @@ class ProxyServerFactory(Factory["ProxyServerProtocol"]):
         timeouts: Optional[Timeouts] = None,
         gate: Optional[ConnectionGate] = None,
         router: Optional[ConnectionRouter] = None,
+        backendTLS: Optional[dict[str, Any]] = None,
     ) -> None:
         self.reactor = reactor
+        self.backendTLS = dict(backendTLS or {})
         self.listenerName = listenerName
         self.pool = pool
         self.router = router
@@ -312,7 +336,8 @@ class _BackendConnector(ClientFactory["BackendProtocol"]):
 
     def buildProtocol(self, addr: Optional[IAddress]) -> BackendProtocol:
         """
-        The attempt succeeded at the TCP level.
+        The attempt succeeded: at the TCP level, or for a pool with backend
+        TLS once the member is verified and accepted the proxy.
         """
         protocol = BackendProtocol(self.relay, self.member)
         protocol.factory = self
@@ -706,10 +731,18 @@ class ProxyServerProtocol(Protocol):
         self._attempts += 1
         attempt = _BackendConnector(self, member)
         self._attempt = attempt
+        connecting: Any = attempt
+        backendTLS = self.factory.backendTLS.get(self._target.pool.name)
+        if backendTLS is not None:
+            # The handshake is part of connecting: a member that fails it
+            # fails the attempt (clientConnectionFailed) like a refusal.
+            connecting = backendTLS.wrapFactory(
+                member, attempt, self.factory.reactor, self._target.connectTimeout
+            )
         attempt.connector = self.factory.reactor.connectTCP(
             member.address,
             member.port,
-            attempt,
+            connecting,
             timeout=self._target.connectTimeout,
         )
 
@@ -727,6 +760,7 @@ class ProxyServerProtocol(Protocol):
             self._target.pool.name, _hostPort(member.address, member.port)
         )
         self._failedMembers.append(member)
+        logBackendTLSFailure(reason, listener=self.factory.listenerName, peer=self._peer)
         self.log.warn(
             "Listener {listener}: backend {backend} failed for {peer}"
             " (attempt {attempt} of {maxAttempts}): {reason}",
@@ -777,7 +811,8 @@ class ProxyServerProtocol(Protocol):
         try:
             attempt.connector.stopConnecting()
         except NotConnectingError:
-            pass
+            # Connected, with the backend TLS handshake still going on.
+            attempt.connector.disconnect()
 
     def _giveUp(self, message: str, **fields: Any) -> None:
         """

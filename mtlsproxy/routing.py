@@ -169,6 +169,8 @@ class RouteTarget:
     @ivar proxyProtocolCertificate: The pool's
         C{proxy_protocol_certificate}: add the client certificate (DER) in
         TLV C{0xE0} of a v2 header.
+    @ivar backendTLS: The pool's backend TLS settings (with C{wrapFactory}),
+        or L{None}.
     """
 
     pool: Pool
@@ -176,11 +178,15 @@ class RouteTarget:
     maxAttempts: int
     proxyProtocol: str = "none"
     proxyProtocolCertificate: bool = False
+    backendTLS: Any = None
 
     @classmethod
-    def fromConfig(cls, pool: Pool, config: Any) -> RouteTarget:
+    def fromConfig(cls, pool: Pool, config: Any, backendTLS: Any = None) -> RouteTarget:
         """
         The target for a run-time pool and its L{mtlsproxy.config.PoolConfig}.
+
+        @param backendTLS: The pool's L{mtlsproxy.backendtls.BackendTLS}
+            (C{[pools.tls]}), or L{None} for plain TCP to its members.
         """
         return cls(
             pool=pool,
@@ -188,6 +194,7 @@ class RouteTarget:
             maxAttempts=config.max_connect_attempts,
             proxyProtocol=getattr(config, "proxy_protocol", "none"),
             proxyProtocolCertificate=getattr(config, "proxy_protocol_certificate", False),
+            backendTLS=backendTLS,
         )
 
     def preamble(self, clientTransport: Any) -> bytes:
@@ -261,19 +268,22 @@ class Router:
         listener: Any,
         poolConfigs: Iterable[Any],
         pools: Mapping[str, Pool],
+        backendTLS: Mapping[str, Any] = {},
     ) -> Router:
         """
         Build the router of a L{mtlsproxy.config.ListenerConfig}.
 
         @param poolConfigs: All the L{mtlsproxy.config.PoolConfig}s.
         @param pools: The run-time pools by name.
+        @param backendTLS: The backend TLS settings of the pools that have
+            them, by name.
         @raise KeyError: For a pool that does not exist (the configuration
             loader refuses that earlier).
         """
         configs = {p.name: p for p in poolConfigs}
 
         def target(name: str) -> RouteTarget:
-            return RouteTarget.fromConfig(pools[name], configs[name])
+            return RouteTarget.fromConfig(pools[name], configs[name], backendTLS.get(name))
 
         routes = tuple(
             Route(

@@ -140,11 +140,22 @@ class ProxyService(MultiService):
             p.name: Pool.fromConfig(p, selectorFactory(p.selector).newSelector(), clock=reactor)
             for p in config.pools
         }
+        from .backendtls import BackendTLS
+
+        # Mutual TLS to the members of pools with [pools.tls]
+        # (docs/backend-tls.md), for the relay and the health checkers.
+        self.backendTLS: dict[str, Any] = {
+            p.name: BackendTLS.fromConfig(p.name, p.tls, loaded.backends[p.name])
+            for p in config.pools
+            if p.tls is not None
+        }
         self.healthMonitors: dict[str, Any] = {}
         for index, poolConfig in enumerate(config.pools):
             if poolConfig.health_check is not None:
                 self._startHealthChecks(index, poolConfig)
         self.gates: dict[str, ConnectionGate] = {}
+        # The TLS connection creator of each TLS listener, swapped by reloads.
+        self.contextFactories: dict[str, Any] = {}
         self.listeners: dict[str, ListenerService] = {}
         for listenerConfig in config.listeners:
             factory = self._factoryFor(listenerConfig)
@@ -154,6 +165,11 @@ class ProxyService(MultiService):
             listener.setServiceParent(self)
             self.listeners[listenerConfig.name] = listener
         self._startOperations(config)
+        from .reload import Reloader
+
+        # SIGHUP, polling for changed files, expiry warnings (docs/reload.md).
+        self.reloader = Reloader(reactor, config.path, self)
+        self.reloader.setServiceParent(self)
 
     def _backendTLSFor(self, poolName: str) -> Any:
         """
@@ -203,7 +219,9 @@ class ProxyService(MultiService):
 
         poolConfig = next(p for p in self.loaded.config.pools if p.name == listenerConfig.pool)
         tls = listenerConfig.protocol in ("tls", "https")
-        router = Router.fromConfig(listenerConfig, self.loaded.config.pools, self.pools)
+        router = Router.fromConfig(
+            listenerConfig, self.loaded.config.pools, self.pools, getattr(self, "backendTLS", {})
+        )
         common: dict[str, Any] = dict(
             timeouts=Timeouts.fromListener(listenerConfig),
             gate=self._gateFor(listenerConfig),
@@ -224,16 +242,21 @@ class ProxyService(MultiService):
                 poolConfig.max_connect_attempts,
                 tls,
                 router=router.forConnection,
+                backendTLS=self.backendTLS,
                 **common,
             )
         if tls:
-            from .tlscontext import serverContextFactory
+            from .tlscontext import SwappableContextFactory, serverContextFactory
             from .tlsproto import HalfCloseTLSFactory
             from .verify import logHandshakeFailure
 
             material = self.loaded.listeners[listenerConfig.name]
+            contextFactory = SwappableContextFactory(
+                serverContextFactory(listenerConfig, material, clock=self._reactor)
+            )
+            self.contextFactories[listenerConfig.name] = contextFactory
             factory = HalfCloseTLSFactory(
-                serverContextFactory(listenerConfig, material, clock=self._reactor),
+                contextFactory,
                 False,
                 factory,
                 clock=self._reactor,
@@ -252,7 +275,7 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         for warning in self.loaded.warnings:
-            self.log.warn("Configuration warning: {warning}", warning=warning)
+            self.log.warn("Configuration warning: {text}", text=warning)
         checkFileLimit(self.loaded.config.listeners)
         MultiService.startService(self)
 
@@ -273,7 +296,7 @@ class ProxyService(MultiService):
         self.drainer = Drainer(self._reactor, self.connections, config.drain_timeout)
         self.statusMaterial, warnings = loadStatusMaterial(config, datetime.now(timezone.utc))
         for warning in warnings:
-            self.log.warn("Configuration warning: {warning}", warning=warning)
+            self.log.warn("Configuration warning: {text}", text=warning)
         self.statusService: Optional[StatusService] = None
         if config.status is not None:
             self.statusService = StatusService(

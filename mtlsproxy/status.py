@@ -44,7 +44,7 @@ from . import __version__
 from .config import ProxyConfig
 from .errors import ConfigurationError
 from .material import ListenerMaterial
-from .metrics import CONTENT_TYPE_LATEST, render
+from .metrics import renderFor
 
 __all__ = [
     "ExpiryEntry",
@@ -75,6 +75,7 @@ class ExpiryEntry:
         for a CRL.
     @ivar expires: The certificate's notAfter or the CRL's nextUpdate (UTC);
         L{None} for a CRL without nextUpdate.
+    @ivar file: The file it was read from, if known.
     """
 
     listener: str
@@ -82,6 +83,7 @@ class ExpiryEntry:
     subject: str
     serial: Optional[str]
     expires: Optional[datetime]
+    file: Optional[str] = None
 
     def asDict(self, now: datetime) -> dict[str, Any]:
         """
@@ -93,6 +95,7 @@ class ExpiryEntry:
             "kind": self.kind,
             "subject": self.subject,
             "serial": self.serial,
+            "file": self.file,
             "expires": _iso(self.expires),
             "seconds_left": (
                 None if self.expires is None else round((self.expires - now).total_seconds())
@@ -144,7 +147,8 @@ def _entryFrom(item: Any) -> Optional[ExpiryEntry]:
     """
     Read one entry of a reloader's C{expiryReport()}: an L{ExpiryEntry}, or
     any object or mapping with C{listener}, C{kind}, C{subject} (or
-    C{issuer}), C{serial} and C{expires} (or C{notAfter} / C{nextUpdate}).
+    C{issuer}), C{serial}, C{file} and C{expires} (or C{not_after},
+    C{notAfter}, C{nextUpdate}), such as L{mtlsproxy.expiry.ExpiryItem}.
     """
     if isinstance(item, ExpiryEntry):
         return item
@@ -173,7 +177,15 @@ def _entryFrom(item: Any) -> Optional[ExpiryEntry]:
     if listener is None or kind is None or subject is None:
         return None
     serial = get("serial")
-    return ExpiryEntry(str(listener), str(kind), str(subject), None if serial is None else str(serial), expires)
+    path = get("file")
+    return ExpiryEntry(
+        str(listener),
+        str(kind),
+        str(subject),
+        None if serial is None else str(serial),
+        expires,
+        None if path is None else str(path),
+    )
 
 
 def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
@@ -181,8 +193,9 @@ def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
     When the certificates and CRLs the proxy uses now run out.
 
     If the proxy has a reloader with an C{expiryReport()} (the material in
-    force after reloads), that is the source; otherwise the material loaded
-    at start-up (C{proxy.loaded.listeners}) and the status endpoint's own.
+    force after reloads), that is the source for the listeners; otherwise
+    the material loaded at start-up (C{proxy.loaded.listeners}).  The status
+    endpoint's own material is added (as listener C{"status"}).
 
     @param proxy: The L{mtlsproxy.service.ProxyService}.
     @param now: The current time (unused by the computation from material;
@@ -190,12 +203,13 @@ def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
     """
     reloader = getattr(proxy, "reloader", None)
     report = getattr(reloader, "expiryReport", None)
+    result: list[ExpiryEntry] = []
     if callable(report):
         entries = [_entryFrom(item) for item in report()]
-        return [entry for entry in entries if entry is not None]
-    result: list[ExpiryEntry] = []
-    for name, material in getattr(proxy.loaded, "listeners", {}).items():
-        result.extend(_materialEntries(name, material))
+        result.extend(entry for entry in entries if entry is not None)
+    else:
+        for name, material in getattr(proxy.loaded, "listeners", {}).items():
+            result.extend(_materialEntries(name, material))
     statusMaterial = getattr(proxy, "statusMaterial", None)
     if statusMaterial is not None:
         result.extend(_materialEntries("status", statusMaterial))
@@ -256,6 +270,17 @@ def _memberStatus(member: Any, now: float) -> dict[str, Any]:
     }
 
 
+def _selectorName(proxy: Any, poolName: str, pool: Any) -> str:
+    """
+    The configured selector name of a pool (C{round_robin}), or the
+    selector's class name if the configuration does not say.
+    """
+    try:
+        return str(proxy.loaded.config.pool(poolName).selector)
+    except (AttributeError, KeyError):
+        return type(getattr(pool, "selector", None)).__name__
+
+
 def _listenerAddress(listener: Any) -> Optional[str]:
     port = getattr(listener, "port", None)
     if port is None:
@@ -301,8 +326,7 @@ def proxyStatus(proxy: Any, clock: Any) -> dict[str, Any]:
         pools.append(
             {
                 "name": name,
-                "selector": getattr(getattr(pool, "selector", None), "name", None)
-                or type(getattr(pool, "selector", None)).__name__,
+                "selector": _selectorName(proxy, name, pool),
                 "available_members": sum(1 for m in members if m["available"]),
                 "failing_open": getattr(pool, "failingOpen", False),
                 "members": members,
@@ -381,8 +405,12 @@ class _Metrics(Resource):
         self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return render(self.registry)
+        accept = request.getHeader(b"accept")
+        data, contentType = renderFor(
+            self.registry, accept.decode("latin-1") if accept is not None else None
+        )
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        return data
 
 
 class _Healthz(Resource):

@@ -11,6 +11,7 @@ relay uses it).  Certificates come from L{mtlsproxy.pki}.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ import attrs
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, NotConnectingError
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
@@ -26,7 +28,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -59,6 +61,13 @@ from mtlsproxy.backendtls import (
     describeFailure,
     logBackendTLSFailure,
 )
+from mtlsproxy.checks import LoadedConfiguration, checkConfiguration
+from mtlsproxy.config import BackendTLSConfig, MemberConfig, PoolConfig, ProxyConfig, loadConfig
+from mtlsproxy.errors import ConfigurationError
+from mtlsproxy.interfaces import IBackendSelector
+from mtlsproxy.pool import Member as PoolMember
+from mtlsproxy.pool import Pool
+from mtlsproxy.relay import ProxyServerFactory
 from mtlsproxy.revocation import CRLExpired, CRLMissing
 from mtlsproxy.tlsproto import HalfCloseTLSFactory
 
@@ -112,7 +121,11 @@ def backendPKI() -> BackendPKI:
 
         def member(issuer: pki.Issued, **kwargs: Any) -> pki.Issued:
             return pki.issueServerCertificate(
-                issuer, "app.internal", dnsNames=["app.internal"], ipAddresses=["10.0.0.1"], **kwargs
+                issuer,
+                "app.internal",
+                dnsNames=["app.internal"],
+                ipAddresses=["10.0.0.1"],
+                **kwargs,
             )
 
         revokedMember = member(inter)
@@ -179,7 +192,9 @@ def memberContext(
     context.add_extra_chain_cert(crypto.X509.from_cryptography(issuer.certificate))
     context.use_privatekey(crypto.PKey.from_cryptography_key(leaf.key))
     trusted = trustedClientCA or p.clientRoot
-    context.get_cert_store().add_cert(crypto.X509.from_cryptography(trusted.certificate))
+    store = context.get_cert_store()
+    assert store is not None
+    store.add_cert(crypto.X509.from_cryptography(trusted.certificate))
     mode = SSL.VERIFY_PEER
     if requireClientCertificate:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
@@ -315,8 +330,8 @@ class Connection:
     proxyIO: FakeTransport
     memberIO: HoldingFakeTransport
     pump: IOPump
-    member: MemberProtocol
-    proxy: Optional[Recorder]
+    member: Any
+    proxy: Any
 
 
 def connectToMember(
@@ -383,6 +398,15 @@ def backendTLS(
     )
 
 
+def observe(testCase: SynchronousTestCase) -> EventLoggingObserver:
+    """
+    Collect the log events of a test.
+    """
+    return EventLoggingObserver.createWithCleanup(
+        testCase, globalLogPublisher  # type: ignore[arg-type]
+    )
+
+
 def creatorFactory(tls: BackendTLS, member: Member) -> TLSMemoryBIOFactory:
     """
     A TLS factory using only the creator, as a health checker does.
@@ -413,8 +437,9 @@ class CreatorTests(SynchronousTestCase):
         assert proxy is not None
         self.assertNotIn("handshakeCompleted", proxy.events)
         self.assertEqual(proxy.events[-1], "connectionLost")
+        assert proxy.lostReason is not None
         error = proxy.lostReason.value
-        self.assertIsInstance(error, BackendTLSError)
+        assert isinstance(error, BackendTLSError)
         self.assertEqual((error.reason, error.depth), (reason, depth))
         self.assertEqual((error.member, error.pool), ("10.0.0.1:8443", "app"))
         self.assertEqual(connection.member.received, b"")
@@ -550,7 +575,7 @@ class CreatorTests(SynchronousTestCase):
         When the member's issuer has no CRL and crl_missing = "allow", the
         handshake completes and a warning says which setting allowed it.
         """
-        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        observer = observe(self)
         p = backendPKI()
         tls = backendTLS(crls=(p.rootCRL,), crlMissing=CRLMissing.ALLOW)
         c = connectToMember(creatorFactory(tls, Member("10.0.0.1")), memberContext())
@@ -672,7 +697,9 @@ class FactoryTests(SynchronousTestCase):
         self.clock = Clock()
         self.attempt = AttemptFactory()
 
-    def factory(self, tls: Optional[BackendTLS] = None, address: str = "10.0.0.1") -> BackendTLSFactory:
+    def factory(
+        self, tls: Optional[BackendTLS] = None, address: str = "10.0.0.1"
+    ) -> BackendTLSFactory:
         return (tls or backendTLS()).wrapFactory(Member(address), self.attempt, self.clock, 5.0)
 
     def assertFailed(self, reason: str) -> BackendTLSError:
@@ -939,7 +966,7 @@ class FailureTests(SynchronousTestCase):
         warning is logged with its fields and the caller's; other failures
         are not logged.
         """
-        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        observer = observe(self)
         error = BackendTLSError(HOSTNAME_MISMATCH, "not for x", "10.0.0.1:8443", "app", "x", 0)
         self.assertTrue(logBackendTLSFailure(Failure(error), listener="web", peer="192.0.2.1:5"))
         self.assertFalse(logBackendTLSFailure(Failure(ValueError())))
@@ -950,4 +977,339 @@ class FailureTests(SynchronousTestCase):
             (event["reason"], event["member"], event["pool"], event["listener"], event["peer"]),
             (HOSTNAME_MISMATCH, "10.0.0.1:8443", "app", "web", "192.0.2.1:5"),
         )
-        self.assertEqual((event["serverName"], event["depth"], event["error"]), ("x", 0, "not for x"))
+        self.assertEqual(
+            (event["serverName"], event["depth"], event["error"]), ("x", 0, "not for x")
+        )
+
+
+# -- configuration and start-up checks ---------------------------------------
+
+
+class ConfigurationTests(SynchronousTestCase):
+    """
+    C{[pools.tls]} in the configuration file and its start-up checks
+    (L{mtlsproxy.config}, L{mtlsproxy.checks}).
+    """
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.dir, "pki"))
+        p = backendPKI()
+        self.write("pki/backend-ca.pem", pki.chainPEM([p.root.certificate, p.inter.certificate]))
+        self.write("pki/backend-crls.pem", pki.crlPEM(p.rootCRL) + pki.crlPEM(p.interCRL))
+        self.write("pki/proxy-client.crt", pki.certificatePEM(p.proxyClient.certificate))
+        self.write("pki/proxy-client.key", pki.keyPEM(p.proxyClient.key))
+        self.write("pki/stranger.key", pki.keyPEM(p.strangerClient.key))
+        self.write("pki/stranger-crl.pem", pki.crlPEM(pki.buildCRL(p.clientRoot)))
+
+    def write(self, name: str, data: bytes) -> None:
+        with open(os.path.join(self.dir, name), "wb") as f:
+            f.write(data)
+
+    def load(self, tls: str) -> ProxyConfig:
+        text = (
+            '[[listeners]]\nname = "l"\nendpoint = "tcp:0"\nprotocol = "tcp"\npool = "app"\n'
+            '[[pools]]\nname = "app"\n'
+            '[[pools.members]]\naddress = "10.0.0.1"\nport = 8443\n'
+            "[pools.tls]\n" + tls
+        )
+        self.write("proxy.toml", text.encode())
+        return loadConfig(os.path.join(self.dir, "proxy.toml"))
+
+    def check(self, tls: str) -> LoadedConfiguration:
+        return checkConfiguration(self.load(tls), NOW)
+
+    def assertProblem(self, tls: str, expected: str, check: bool = True) -> None:
+        """
+        Loading (and checking) C{tls} fails with C{expected} after the file
+        name.
+        """
+        error = self.assertRaises(ConfigurationError, self.check if check else self.load, tls)
+        self.assertEqual(str(error), f"{os.path.join(self.dir, 'proxy.toml')}: {expected}")
+
+    FULL = (
+        'ca_certificates = ["pki/backend-ca.pem"]\n'
+        'crls = ["pki/backend-crls.pem"]\n'
+        'server_name = "app.internal"\n'
+        'cert = "pki/proxy-client.crt"\n'
+        'key = "pki/proxy-client.key"\n'
+        'min_version = "1.3"\n'
+    )
+
+    def test_loaded(self) -> None:
+        """
+        When a pool has a [pools.tls] table, its keys are read with paths
+        resolved against the configuration file's folder and the defaults
+        filled in.
+        """
+        tls = self.load(self.FULL).pools[0].tls
+        assert tls is not None
+        pkiDir = os.path.join(self.dir, "pki")
+        self.assertEqual(
+            tls,
+            BackendTLSConfig(
+                ca_certificates=(f"{pkiDir}/backend-ca.pem",),
+                crls=(f"{pkiDir}/backend-crls.pem",),
+                server_name="app.internal",
+                cert=f"{pkiDir}/proxy-client.crt",
+                key=f"{pkiDir}/proxy-client.key",
+                min_version="1.3",
+            ),
+        )
+        self.assertEqual((tls.crl_missing, tls.crl_expired), ("reject", "reject"))
+
+    def test_noTLSByDefault(self) -> None:
+        """
+        When a pool has no [pools.tls] table, its tls is None.
+        """
+        self.assertIsNone(PoolConfig(name="p", members=(MemberConfig("h", 1),)).tls)
+
+    def test_structureProblems(self) -> None:
+        """
+        When [pools.tls] misses its CAs, has a cert without a key, an unknown
+        version or an unknown key, the error names the key path.
+        """
+        self.assertProblem(
+            'crls = []\n', "pools[0].tls: missing required key 'ca_certificates'", False
+        )
+        self.assertProblem(
+            'ca_certificates = []\n',
+            "pools[0].tls.ca_certificates: at least one CA file is needed to verify the"
+            " members' certificates (the system's CAs are never used)",
+            False,
+        )
+        self.assertProblem(
+            'ca_certificates = ["a.pem"]\ncert = "c.pem"\n',
+            "pools[0].tls.key: cert and key go together: the client certificate and its"
+            " private key",
+            False,
+        )
+        self.assertProblem(
+            'ca_certificates = ["a.pem"]\nmin_version = "1.1"\n',
+            'pools[0].tls.min_version: expected one of "1.2", "1.3"; got "1.1"',
+            False,
+        )
+        error = self.assertRaises(
+            ConfigurationError, self.load, 'ca_certificates = ["a.pem"]\nsni = "x"\n'
+        )
+        self.assertEqual(error.key, "pools[0].tls")
+        self.assertIn("unknown key 'sni'", error.problem)
+
+    def test_materialLoaded(self) -> None:
+        """
+        When the files are valid, the checked configuration holds the pool's
+        CAs, CRLs, client chain and key, and a L{BackendTLS} can be built
+        from them.
+        """
+        p = backendPKI()
+        loaded = self.check(self.FULL)
+        material = loaded.backends["app"]
+        self.assertEqual(material.cas, (p.root.certificate, p.inter.certificate))
+        self.assertEqual(material.crls, (p.rootCRL, p.interCRL))
+        self.assertEqual(material.chain, (p.proxyClient.certificate,))
+        self.assertIsNotNone(material.key)
+        config = loaded.config.pools[0].tls
+        assert config is not None
+        tls = BackendTLS.fromConfig("app", config, material)
+        self.assertEqual(
+            (tls.poolName, tls.serverName, tls.crlMissing, tls.crlExpired),
+            ("app", "app.internal", CRLMissing.REJECT, CRLExpired.REJECT),
+        )
+
+    def test_missingFile(self) -> None:
+        """
+        When a CA file is missing, the error names the key path and the
+        file.
+        """
+        self.assertProblem(
+            'ca_certificates = ["pki/nope.pem"]\n',
+            f"pools[0].tls.ca_certificates[0]: file not found: {self.dir}/pki/nope.pem",
+        )
+
+    def test_keyMismatch(self) -> None:
+        """
+        When the key is not the client certificate's, the error names
+        pools[0].tls.key and both files.
+        """
+        error = self.assertRaises(
+            ConfigurationError,
+            self.check,
+            'ca_certificates = ["pki/backend-ca.pem"]\n'
+            'cert = "pki/proxy-client.crt"\nkey = "pki/stranger.key"\n',
+        )
+        self.assertEqual(error.key, "pools[0].tls.key")
+        self.assertIn(
+            f"the private key in {self.dir}/pki/stranger.key does not match", error.problem
+        )
+        self.assertIn("proxy-client.crt", error.problem)
+
+    def test_crlFromOtherCA(self) -> None:
+        """
+        When a CRL was not issued by one of the configured CAs, the error
+        names pools[0].tls.crls[0].
+        """
+        error = self.assertRaises(
+            ConfigurationError,
+            self.check,
+            'ca_certificates = ["pki/backend-ca.pem"]\ncrls = ["pki/stranger-crl.pem"]\n',
+        )
+        self.assertEqual(error.key, "pools[0].tls.crls[0]")
+        self.assertIn("is not one of the configured CA certificates", error.problem)
+
+    def test_clientCertificateExpiry(self) -> None:
+        """
+        When the client certificate has expired the configuration is
+        refused; when it expires within 30 days there is a warning naming
+        the pool.
+        """
+        p = backendPKI()
+        for name, days in (("old", -1), ("soon", 10)):
+            notAfter = NOW + timedelta(days=days)
+            issued = pki.issueClientCertificate(
+                p.clientRoot, name, notBefore=NOW - timedelta(days=60), notAfter=notAfter
+            )
+            self.write(f"pki/{name}.crt", pki.certificatePEM(issued.certificate))
+            self.write(f"pki/{name}.key", pki.keyPEM(issued.key))
+        error = self.assertRaises(
+            ConfigurationError,
+            self.check,
+            'ca_certificates = ["pki/backend-ca.pem"]\ncert = "pki/old.crt"\nkey = "pki/old.key"\n',
+        )
+        self.assertEqual(error.key, "pools[0].tls.cert")
+        self.assertIn("the client certificate (CN=old)", error.problem)
+        self.assertIn("expired on", error.problem)
+        loaded = self.check(
+            'ca_certificates = ["pki/backend-ca.pem"]\n'
+            'cert = "pki/soon.crt"\nkey = "pki/soon.key"\n'
+        )
+        [warning] = [w for w in loaded.warnings if "CN=soon" in w]
+        self.assertTrue(
+            warning.startswith("pool 'app' [pools.tls]: the client certificate (CN=soon)")
+        )
+        self.assertIn("in 9 days", warning)
+
+    def test_crlMissingWarning(self) -> None:
+        """
+        When CRLs are configured but not for every CA, a warning says that
+        member certificates verified through it are rejected.
+        """
+        p = backendPKI()
+        self.write("pki/root-crl.pem", pki.crlPEM(p.rootCRL))
+        loaded = self.check(
+            'ca_certificates = ["pki/backend-ca.pem"]\ncrls = ["pki/root-crl.pem"]\n'
+        )
+        self.assertIn(
+            "pool 'app' [pools.tls]: no CRL is configured for CA CN=Backend Intermediate;"
+            ' with crl_missing = "reject" member certificates verified through it are rejected',
+            loaded.warnings,
+        )
+
+
+# -- the relay ----------------------------------------------------------------
+
+
+class RelayTests(SynchronousTestCase):
+    """
+    L{mtlsproxy.relay} connecting to the members of a pool with backend TLS,
+    in memory: the client on a L{StringTransport}, each member over iosim.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.members = [
+            PoolMember(MemberConfig("10.0.0.1", 8443)),
+            PoolMember(MemberConfig("10.0.0.2", 8443)),
+        ]
+        self.pool = Pool("app", self.members, _FirstCandidate(), clock=self.reactor)
+        self.factory = ProxyServerFactory(
+            self.reactor,
+            "web",
+            self.pool,
+            5.0,
+            3,
+            False,
+            backendTLS={"app": backendTLS(serverName="app.internal")},
+        )
+        self.client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        self.relay = self.factory.buildProtocol(None)
+        self.relay.makeConnection(self.client)
+
+    def connectMember(self, index: int, context: SSL.Context, flush: bool = True) -> Connection:
+        """
+        Let connection attempt number C{index} reach a member with
+        C{context}.
+        """
+        host, port, factory, timeout, _ = self.reactor.tcpClients[index]
+        self.assertIsInstance(factory, BackendTLSFactory)
+        return connectToMember(factory, context, self.reactor, flush=flush)
+
+    def test_clientBytesWaitForVerifiedMember(self) -> None:
+        """
+        When the client sends bytes before the member is verified and has
+        accepted the proxy, they are kept and written only then, and the
+        member's answer reaches the client.
+        """
+        self.relay.dataReceived(b"early")
+        c = self.connectMember(0, memberContext(version=TLS13))
+        c.pump.flush()
+        self.assertEqual(c.member.received, b"early")
+        self.assertEqual(c.member.peerSubject, "CN=mtlsproxy")
+        c.member.transport.write(b"answer")  # type: ignore[union-attr]
+        c.pump.flush()
+        self.assertEqual(self.client.value(), b"answer")
+        self.assertEqual(self.members[0].activeConnections, 1)
+
+    def test_failedVerificationTriesNextMember(self) -> None:
+        """
+        When the first member fails verification, one backend_tls_failed
+        event names it with the listener and client, the member counts a
+        failed connection, and the next member serves; the first received
+        nothing.
+        """
+        observer = observe(self)
+        self.relay.dataReceived(b"request")
+        p = backendPKI()
+        bad = self.connectMember(0, memberContext(p.untrustedMember, p.untrustedMember))
+        self.assertEqual(bad.member.received, b"")
+        self.assertEqual(self.members[0].failedConnections, 1)
+        [event] = [e for e in observer if e.get("log_format") == BACKEND_TLS_FAILED_FORMAT]
+        self.assertEqual(
+            (event["reason"], event["member"], event["pool"], event["listener"], event["peer"]),
+            (UNKNOWN_CA, "10.0.0.1:8443", "app", "web", "192.0.2.7:40000"),
+        )
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        good = self.connectMember(1, memberContext(version=TLS13))
+        self.assertEqual(good.member.received, b"request")
+
+    def test_clientGoneDuringHandshake(self) -> None:
+        """
+        When the client goes away while the member's handshake is under way,
+        the attempt is abandoned: its connection is closed and nothing is
+        logged as a backend TLS failure.
+        """
+        observer = observe(self)
+        c = self.connectMember(0, memberContext(), flush=False)
+        c.pump.pump()
+        connector = self.reactor.connectors[0]
+        connector.stopConnecting = _raiseNotConnecting  # type: ignore[method-assign]
+        self.relay.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(connector._disconnected)
+        c.proxyIO.loseConnection()
+        c.pump.flush()
+        self.assertEqual(
+            [e for e in observer if e.get("log_format") == BACKEND_TLS_FAILED_FORMAT], []
+        )
+
+
+def _raiseNotConnecting() -> None:
+    raise NotConnectingError()
+
+
+@implementer(IBackendSelector)
+class _FirstCandidate:
+    """
+    A selector that picks the first candidate.
+    """
+
+    def pick(self, candidates: list[Any], facts: Any) -> Any:
+        return candidates[0]

@@ -88,7 +88,7 @@ class CheckCommandTests(CheckTestsMixin, SynchronousTestCase):
         self.assertEqual(
             self.stderr.getvalue(),
             f"error: {path}: listeners[0].client_auth: expected one of"
-            ' "off", "optional", "required"; got "sometimes"\n',
+            ' "off", "optional", "required", "passthrough"; got "sometimes"\n',
         )
         self.assertEqual(self.stdout.getvalue(), "")
 

@@ -351,11 +351,11 @@ class LoadConfigTests(ConfigFileMixin, SynchronousTestCase):
         """
         self.assertConfigError(
             VALID.replace('client_auth = "required"', 'client_auth = "maybe"'),
-            'listeners[0].client_auth: expected one of "off", "optional", "required"; got "maybe"',
+            'listeners[0].client_auth: expected one of "off", "optional", "required", "passthrough"; got "maybe"',
         )
         self.assertConfigError(
-            VALID.replace('protocol = "tls"', 'protocol = "https"'),
-            'listeners[0].protocol: expected one of "tcp", "tls"; got "https"',
+            VALID.replace('protocol = "tls"', 'protocol = "udp"'),
+            'listeners[0].protocol: expected one of "tcp", "tls", "https"; got "udp"',
         )
         self.assertConfigError(
             VALID.replace('client_auth = "required"', 'crl_expired = true'),
@@ -696,7 +696,7 @@ class ConstructionTests(SynchronousTestCase):
         )
         self.assertEqual(
             str(error),
-            'client_auth: expected one of "off", "optional", "required"; got "sometimes"',
+            'client_auth: expected one of "off", "optional", "required", "passthrough"; got "sometimes"',
         )
 
     def test_proxyValidates(self) -> None:

@@ -19,8 +19,8 @@ from mtlsproxy.errors import ConfigurationError
 from mtlsproxy.material import ListenerMaterial
 from mtlsproxy.policy import DEFAULT_POLICY, POLICIES, listenerPolicy, policyProblem
 from mtlsproxy.tlscontext import CONTEXT_OPTIONS, TLS12_CIPHERS, serverContextFactory
-from tests.test_sni import NamedClient, sniPKI
-from tests.test_tlscontext import TLS12, TLS13, Handshake, handshake, sessionReused
+from tests.test_sni import NamedClient, inMemory, sniPKI
+from tests.test_tlscontext import TLS12, TLS13, Handshake, sessionReused
 
 CBC_ONLY = (
     b"ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256"
@@ -239,7 +239,7 @@ class _EnforcementMixin:
         factory = serverContextFactory(listener, self.material)
         client = NamedClient(self.pki.serverRoot.certificate, b"www.example.com", None, version, **kwargs)
         self.lastClient = client
-        return handshake(factory, client)
+        return inMemory(factory, client)
 
     def test_tls13OnlyRefusesTLS12(self) -> None:
         """
@@ -334,9 +334,9 @@ class _EnforcementMixin:
         tickets = serverContextFactory(policyListener(session_tickets=True), self.material)
         self.assertFalse(tickets.context.set_options(0) & SSL.OP_NO_TICKET)
         client = NamedClient(self.pki.serverRoot.certificate, b"www.example.com", None, TLS13)
-        first = handshake(tickets, client)
+        first = inMemory(tickets, client)
         client.session = first.clientConnection.get_session()
-        second = handshake(tickets, client)
+        second = inMemory(tickets, client)
         self.assertTrue(second.accepted)
         self.assertTrue(sessionReused(second.serverConnection))
 

@@ -205,6 +205,13 @@ class NamedClient:
         return connection
 
 
+def inMemory(factory: Any, client: NamedClient) -> Handshake:
+    """
+    L{tests.test_tlscontext.handshake} with a L{NamedClient}.
+    """
+    return handshake(factory, client)  # type: ignore[arg-type]
+
+
 def served(result: Handshake) -> Optional[str]:
     """
     The common name of the certificate the client received, or L{None}.
@@ -327,7 +334,7 @@ class _SNIHandshakeMixin:
         if client is None:
             client = self.client(issued, **kwargs)
         client.serverName = serverName
-        return handshake(factory or self.factory, client)
+        return inMemory(factory or self.factory, client)
 
     def rejections(self) -> list[dict[str, Any]]:
         """
@@ -352,6 +359,7 @@ class _SNIHandshakeMixin:
         if identity is None:
             self.assertIsNone(result.server.identity)
         else:
+            assert result.server.identity is not None
             self.assertEqual(result.server.identity.commonName, identity)
         self.assertEqual(self.rejections(), [])
 
@@ -624,3 +632,255 @@ class TLS13SNITests(_SNIHandshakeMixin, SynchronousTestCase):
     """
 
     version = TLS13
+
+
+# ---------------------------------------------------------------------------
+# Certificate entries in the configuration file: formats, passwords, trust
+# ---------------------------------------------------------------------------
+
+
+class CertificateEntryTests(SynchronousTestCase):
+    """
+    C{[[listeners.certificates]]} entries read from files: PEM (encrypted
+    keys with C{password_file} or C{password_env}) and PKCS#12, and the
+    per-entry C{client_auth}, C{ca_certificates}, C{crls} and C{default}.
+    """
+
+    def setUp(self) -> None:
+        import os
+
+        self.pki = sniPKI()
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.intermediate = pki.createIntermediateCA(self.pki.serverRoot, "Server Intermediate")
+        self.server = pki.issueServerCertificate(
+            self.intermediate, "p12.example.com", dnsNames=["p12.example.com"]
+        )
+        self.write("server.p12", pki.pkcs12Bytes(
+            self.server, [self.pki.serverRoot.certificate, self.intermediate.certificate], b"s3cret"
+        ))
+        self.write("plain.p12", pki.pkcs12Bytes(self.server, [self.intermediate.certificate]))
+        self.write("password", b"s3cret\n")
+        self.write("wrong-password", b"nope\n")
+        self.write("server.pem", pki.chainPEM([self.server.certificate, self.intermediate.certificate]))
+        self.write("server-encrypted.key", pki.keyPEM(self.server.key, b"s3cret"))
+        self.write("www.pem", pki.certificatePEM(self.pki.www.certificate))
+        self.write("www.key", pki.keyPEM(self.pki.www.key))
+        self.write("api-clients.pem", pki.certificatePEM(self.pki.apiClients.certificate))
+        self.write("api-clients.crl", pki.crlPEM(self.pki.apiCRL))
+        self.write("partner.crl", pki.crlPEM(self.pki.partnerCRL))
+
+    def write(self, name: str, data: bytes) -> str:
+        import os
+
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def check(self, entries: str, listener: str = "") -> Any:
+        """
+        Load and check a configuration with C{entries} as its certificate
+        tables; return the listener's material.
+        """
+        import os
+        from datetime import datetime, timezone
+
+        from mtlsproxy.checks import checkConfiguration
+        from mtlsproxy.config import loadConfig
+
+        self.config = os.path.join(self.dir, "proxy.toml")
+        with open(self.config, "w") as f:
+            f.write(
+                '[[listeners]]\nname = "web"\nendpoint = "tcp:0"\nprotocol = "tls"\n'
+                f'pool = "app"\n{listener}\n{entries}\n'
+                '[[pools]]\nname = "app"\n[[pools.members]]\naddress = "127.0.0.1"\nport = 1\n'
+            )
+        return checkConfiguration(loadConfig(self.config), datetime.now(timezone.utc)).listeners["web"]
+
+    def assertCheckError(self, entries: str, message: str, listener: str = "") -> None:
+        from mtlsproxy.errors import ConfigurationError
+
+        error = self.assertRaises(ConfigurationError, self.check, entries, listener)
+        self.assertEqual(str(error), f"{self.config}: {message}")
+
+    def assertServes(self, material: ListenerMaterial, entries: int = 1) -> None:
+        """
+        A client gets the PKCS#12 certificate with its intermediate.
+        """
+        listener = siteListener(
+            certificates=tuple(CertificateConfig("/x", "/y") for _ in range(entries))
+        )
+        factory = serverContextFactory(listener, material)
+        client = NamedClient(self.pki.serverRoot.certificate, b"p12.example.com", None, TLS13)
+        result = inMemory(factory, client)
+        self.assertTrue(result.accepted, result.clientError())
+        chain = result.clientConnection.get_peer_cert_chain(as_cryptography=True)
+        self.assertEqual(chain, [self.server.certificate, self.intermediate.certificate])
+
+    def test_pkcs12PasswordFile(self) -> None:
+        """
+        When the PKCS#12 file's password is in a file (final line break not
+        part of it), the certificate, key and intermediate are loaded, the
+        root left out, and clients are served the chain.
+        """
+        material = self.check('[[listeners.certificates]]\npkcs12 = "server.p12"\npassword_file = "password"\n')
+        self.assertEqual(material.chain, (self.server.certificate, self.intermediate.certificate))
+        self.assertServes(material)
+        self.assertEqual(material.sourceOf(self.server.certificate), f"{self.dir}/server.p12")
+
+    def test_pkcs12PasswordEnv(self) -> None:
+        """
+        When the password is in an environment variable, it is used.
+        """
+        import os
+
+        os.environ["MTLSPROXY_TEST_P12"] = "s3cret"
+        self.addCleanup(os.environ.pop, "MTLSPROXY_TEST_P12")
+        material = self.check(
+            '[[listeners.certificates]]\npkcs12 = "server.p12"\npassword_env = "MTLSPROXY_TEST_P12"\n'
+        )
+        self.assertServes(material)
+
+    def test_pkcs12Unencrypted(self) -> None:
+        """
+        When the PKCS#12 file has no password, none is needed.
+        """
+        self.assertServes(self.check('[[listeners.certificates]]\npkcs12 = "plain.p12"\n'))
+
+    def test_pkcs12WrongPassword(self) -> None:
+        """
+        When the password is wrong, the error names the pkcs12 key and the
+        file, without a traceback.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\npkcs12 = "server.p12"\npassword_file = "wrong-password"\n',
+            f"listeners[0].certificates[0].pkcs12: wrong password for the PKCS#12 file"
+            f" {self.dir}/server.p12",
+        )
+
+    def test_pkcs12NoPassword(self) -> None:
+        """
+        When the PKCS#12 file is encrypted and no password is configured,
+        the error says how to give one.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\npkcs12 = "server.p12"\n',
+            f"listeners[0].certificates[0].pkcs12: the PKCS#12 file {self.dir}/server.p12 is"
+            " encrypted; give its password with password_file or password_env in the same"
+            " [[listeners.certificates]] table",
+        )
+
+    def test_notPKCS12(self) -> None:
+        """
+        When the file is not PKCS#12, the error says so.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\npkcs12 = "server.pem"\npassword_file = "password"\n',
+            f"listeners[0].certificates[0].pkcs12: {self.dir}/server.pem is not a PKCS#12 file",
+        )
+
+    def test_passwordEnvMissing(self) -> None:
+        """
+        When the environment variable is not set, the error names it.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\npkcs12 = "server.p12"\npassword_env = "MTLSPROXY_NOT_SET_ANYWHERE"\n',
+            "listeners[0].certificates[0].password_env: environment variable"
+            " MTLSPROXY_NOT_SET_ANYWHERE is not set",
+        )
+
+    def test_encryptedPEMKey(self) -> None:
+        """
+        When a PEM key is encrypted and its password given, it is used; a
+        wrong password is an error naming the key path and file.
+        """
+        material = self.check(
+            '[[listeners.certificates]]\ncert = "server.pem"\nkey = "server-encrypted.key"\n'
+            'password_file = "password"\n'
+        )
+        self.assertServes(material)
+        self.assertCheckError(
+            '[[listeners.certificates]]\ncert = "server.pem"\nkey = "server-encrypted.key"\n'
+            'password_file = "wrong-password"\n',
+            "listeners[0].certificates[0].key: wrong password for the encrypted private key"
+            f" in {self.dir}/server-encrypted.key",
+        )
+
+    def test_pkcs12AndPEM(self) -> None:
+        """
+        When an entry has both pkcs12 and cert, the loader refuses it; one
+        with neither too.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\npkcs12 = "server.p12"\ncert = "server.pem"\n',
+            "listeners[0].certificates[0].cert: pkcs12 replaces cert and key: set either"
+            " pkcs12, or cert and key",
+        )
+        self.assertCheckError(
+            '[[listeners.certificates]]\npassword_file = "password"\n',
+            "listeners[0].certificates[0]: missing required key 'cert' (or pkcs12 instead"
+            " of cert and key)",
+        )
+        self.assertCheckError(
+            '[[listeners.certificates]]\npkcs12 = "server.p12"\npassword_file = "password"\n'
+            'password_env = "X"\n',
+            "listeners[0].certificates[0].password_env: password_file and password_env are"
+            " alternatives: set one",
+        )
+
+    def test_perEntryTrust(self) -> None:
+        """
+        When an entry has its own client_auth, CAs and CRLs, they are loaded
+        for it (the listener has none) and its names require client
+        certificates from that CA.
+        """
+        material = self.check(
+            '[[listeners.certificates]]\ncert = "www.pem"\nkey = "www.key"\n'
+            '[[listeners.certificates]]\npkcs12 = "server.p12"\npassword_file = "password"\n'
+            'client_auth = "required"\nca_certificates = ["api-clients.pem"]\n'
+            'crls = ["api-clients.crl"]\ndefault = true\n'
+        )
+        entry = material.certificates[1]
+        self.assertEqual(entry.cas, (self.pki.apiClients.certificate,))
+        self.assertEqual(entry.crls, (self.pki.apiCRL,))
+        self.assertEqual(material.trustOf(material.certificates[0]), ((), ()))
+        self.assertEqual(entry.names, ("p12.example.com",))
+
+    def test_perEntryCRLMustMatchItsCAs(self) -> None:
+        """
+        When an entry's CRL was not issued by the entry's CAs, the error
+        names the entry's key path.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\ncert = "www.pem"\nkey = "www.key"\n'
+            'client_auth = "required"\nca_certificates = ["api-clients.pem"]\n'
+            'crls = ["partner.crl"]\n',
+            f"listeners[0].certificates[0].crls[0]: the CRL in {self.dir}/partner.crl was"
+            " issued by CN=Partner Clients, which is not one of the configured CA"
+            " certificates (CN=API Clients)",
+        )
+
+    def test_perEntryClientAuthNeedsCAs(self) -> None:
+        """
+        When an entry requires client certificates and neither it nor the
+        listener has CAs, the error names the entry.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\ncert = "www.pem"\nkey = "www.key"\n'
+            '[[listeners.certificates]]\ncert = "www.pem"\nkey = "www.key"\n'
+            'client_auth = "optional"\n',
+            'listeners[0].certificates[1].ca_certificates: client_auth = "optional" needs'
+            " at least one CA file to verify client certificates with",
+        )
+
+    def test_twoDefaults(self) -> None:
+        """
+        When two entries are marked default, the second is refused.
+        """
+        self.assertCheckError(
+            '[[listeners.certificates]]\ncert = "www.pem"\nkey = "www.key"\ndefault = true\n'
+            '[[listeners.certificates]]\ncert = "www.pem"\nkey = "www.key"\ndefault = true\n',
+            "listeners[0].certificates[1].default: only one certificate may be the default;"
+            " certificates[0] is already",
+        )

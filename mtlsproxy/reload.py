@@ -1,0 +1,741 @@
+# -*- test-case-name: tests.test_reload,tests.test_integration_reload -*-
+"""
+Hot reload: new certificates, keys, CAs, CRLs and pool members without
+dropping a connection.
+
+A L{Reloader} belongs to the running L{mtlsproxy.service.ProxyService}.
+It reloads on C{SIGHUP}, when the admin console's C{reload()} calls
+L{Reloader.reload}, and when the content of a watched file changes: every
+C{reload_poll_interval} seconds it hashes the configuration file and every
+certificate, key, PKCS#12, password, CA and CRL file a TLS listener names,
+opening each path afresh, so that the atomic C{..data} symlink swap of a
+Kubernetes secret volume is seen like any other change.
+
+A reload is all or nothing up to the point of applying it:
+
+  1. the configuration file is read and checked exactly like at start-up
+     (L{mtlsproxy.config.loadConfig}, L{mtlsproxy.checks.checkConfiguration});
+  2. new TLS contexts are built for every TLS listener (contexts freeze once
+     used, so they are never changed, only replaced);
+  3. only if all of that worked: each listener's
+     L{mtlsproxy.tlscontext.SwappableContextFactory} gets its new factory
+     (new handshakes use the new material; established connections keep
+     theirs), pools get their new members and weights in place, relay
+     settings are updated, and established connections whose client
+     certificate chain a new CRL revokes are closed
+     (C{close_revoked_connections}).
+
+A broken file (bad PEM, a key that does not match, a CRL from an unknown
+issuer or with a bad signature, a file that vanished) stops at step 1 or 2:
+the running material stays in service and the error, naming the file and
+the key path, is logged.  Changes that a running process cannot take (a
+listener's endpoint or protocol, a new or removed listener, the admin
+console, ...) are logged as needing a restart; everything else is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Optional
+
+import attrs
+from OpenSSL import SSL
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .errors import ConfigurationError
+from .expiry import ExpiryItem, ExpiryMonitor
+from .material import ListenerMaterial
+from .revocation import closeRevokedConnections
+
+__all__ = [
+    "ABORT_REVOKED_AFTER",
+    "RELOAD_FAILED_FORMAT",
+    "RELOADED_FORMAT",
+    "RESTART_NEEDED_FORMAT",
+    "ReloadResult",
+    "Reloader",
+    "watchedFiles",
+]
+
+RELOADED_FORMAT = (
+    "Reloaded {path} ({trigger}): {applied} change(s) applied ({summary}), {restart} need a"
+    " restart, {revoked} revoked connection(s) closed"
+)
+"""
+The C{log_format} (level C{info}) of a reload that was applied.  Fields:
+C{path}, C{trigger} (C{"SIGHUP"}, C{"file change"}, C{"admin"}, ...),
+C{changes} (what was applied, one text each), C{summary} (the same joined
+with C{"; "}), C{applied} (their number),
+C{restartNeeded} (see L{RESTART_NEEDED_FORMAT}) and C{restart} (their
+number), C{revoked} (connections closed).
+"""
+
+RELOAD_FAILED_FORMAT = (
+    "Reload of {path} ({trigger}) failed; the running configuration stays in service: {error}"
+)
+"""
+The C{log_format} (level C{error}) of a reload that was not applied.
+Fields: C{path}, C{trigger}, C{error} (one line naming the configuration
+file, the key path and the file at fault), C{file} and C{key} (those parts
+of a L{ConfigurationError}, or L{None}).
+"""
+
+RESTART_NEEDED_FORMAT = "Reload of {path}: {change}; this needs a restart"
+"""
+The C{log_format} (level C{warn}) of each change a reload cannot apply.
+Fields: C{path}, C{change}.
+"""
+
+ABORT_REVOKED_AFTER = 5.0
+"""
+Seconds a connection closed for revocation gets to flush before it is
+aborted.
+"""
+
+_LATE_SWEEP = 1.0
+"""
+Seconds added to a listener's handshake timeout before the connections
+that were still handshaking at the reload (verified against the old CRLs)
+are checked against the new ones.
+"""
+
+_APPLIED_LISTENER_FIELDS = frozenset(
+    {
+        "name",
+        "pool",
+        "client_auth",
+        "ca_certificates",
+        "crls",
+        "certificates",
+        "crl_missing",
+        "crl_expired",
+        "strict_sni",
+        "tls_policy",
+        "min_version",
+        "max_version",
+        "ciphers",
+        "ciphersuites",
+        "groups",
+        "session_tickets",
+        "alpn",
+        "close_revoked_connections",
+        "handshake_timeout",
+        "idle_timeout",
+        "max_connections",
+    }
+)
+"""
+The listener settings a reload applies (the TLS ones through the new
+contexts); any other one that changes needs a restart.
+"""
+
+_APPLIED_POOL_FIELDS = frozenset(
+    {
+        "name",
+        "selector",
+        "members",
+        "connect_timeout",
+        "max_connect_attempts",
+        "all_unhealthy",
+        "eject_after",
+        "eject_backoff",
+        "eject_backoff_max",
+    }
+)
+"""
+The pool settings a reload applies; any other one that changes (health
+checks, backend TLS, ...) needs a restart.
+"""
+
+_APPLIED_TOP_FIELDS = frozenset(
+    {"path", "listeners", "pools", "drain_timeout", "reload_poll_interval", "expiry_warning_days"}
+)
+"""
+The top-level settings a reload applies.
+"""
+
+
+def watchedFiles(config: Any) -> list[str]:
+    """
+    The files whose content a reload depends on: the configuration file
+    and every certificate, key, PKCS#12, password, CA and CRL file of the
+    TLS listeners, each once, in a stable order.
+    """
+    paths: list[str] = [config.path]
+    for listener in config.listeners:
+        if listener.protocol == "tcp":
+            continue
+        paths.extend(listener.ca_certificates)
+        paths.extend(listener.crls)
+        for entry in listener.certificates:
+            for name in ("cert", "key", "pkcs12", "password_file"):
+                value = getattr(entry, name, None)
+                if value is not None:
+                    paths.append(value)
+            paths.extend(getattr(entry, "ca_certificates", None) or ())
+            paths.extend(getattr(entry, "crls", None) or ())
+    return list(dict.fromkeys(paths))
+
+
+def _fingerprint(path: str) -> Optional[str]:
+    """
+    The SHA-256 of a file's content, reading it through the path as it
+    resolves now (symbolic links followed afresh), or L{None} if it cannot
+    be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+@attrs.frozen
+class ReloadResult:
+    """
+    What a reload did.
+
+    @ivar ok: Whether it was applied.
+    @ivar error: Why not (one line), or L{None}.
+    @ivar changes: What was applied.
+    @ivar restartNeeded: What needs a restart.
+    @ivar revoked: How many established connections were closed because a
+        new CRL revokes their client certificate.
+    """
+
+    ok: bool
+    error: Optional[str] = None
+    changes: tuple[str, ...] = ()
+    restartNeeded: tuple[str, ...] = ()
+    revoked: int = 0
+
+    def __str__(self) -> str:
+        if not self.ok:
+            return f"reload failed, running configuration kept: {self.error}"
+        lines = [f"reloaded: {len(self.changes)} change(s) applied"]
+        lines += [f"  applied: {change}" for change in self.changes]
+        lines += [f"  needs a restart: {change}" for change in self.restartNeeded]
+        if self.revoked:
+            lines.append(f"  closed {self.revoked} connection(s) with revoked certificates")
+        return "\n".join(lines)
+
+
+class Reloader(Service):
+    """
+    Reloads a running proxy's configuration and material; see the module
+    docstring.
+
+    @ivar reactor: Provides C{callLater}, C{callFromThread} and C{seconds}.
+    @ivar configPath: The configuration file.
+    @ivar proxy: The running L{mtlsproxy.service.ProxyService}: its
+        C{loaded}, C{listeners}, C{pools}, C{contextFactories} and
+        C{connections} are what a reload reads and updates.
+    @ivar inForce: The TLS material each listener serves now, by name.
+    @ivar expiry: Logs expiring certificates and CRLs of L{inForce}.
+    @ivar pollInterval: C{reload_poll_interval}; 0 for no polling.
+    @ivar reloads: How many reloads were applied.
+    @ivar lastResult: The last reload's L{ReloadResult}, or L{None}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        configPath: str,
+        proxy: Any,
+        now: Optional[Callable[[], datetime]] = None,
+    ) -> None:
+        """
+        @param now: The current time for the checks and expiry reports;
+            default the system clock.
+        """
+        self.reactor = reactor
+        self.configPath = os.path.abspath(configPath)
+        self.proxy = proxy
+        self.now = now if now is not None else (lambda: datetime.now(timezone.utc))
+        self.setName("reloader")
+        config = proxy.loaded.config
+        self.inForce: dict[str, ListenerMaterial] = dict(proxy.loaded.listeners)
+        self.pollInterval = float(getattr(config, "reload_poll_interval", 5.0))
+        self.expiry = ExpiryMonitor(
+            reactor, self._materials, int(getattr(config, "expiry_warning_days", 30)), self.now
+        )
+        self.reloads = 0
+        self.lastResult: Optional[ReloadResult] = None
+        self._watched = watchedFiles(config)
+        self._fingerprints = {path: _fingerprint(path) for path in self._watched}
+        self._poller: Optional[LoopingCall] = None
+        self._timers: list[IDelayedCall] = []
+        self._previousHandler: Any = None
+        self._signalInstalled = False
+
+    # -- service ----------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Install the C{SIGHUP} handler (only possible in the main thread),
+        start polling and the daily expiry check (which checks now).
+        """
+        Service.startService(self)
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            self._previousHandler = signal.signal(signal.SIGHUP, self._onSIGHUP)
+            self._signalInstalled = True
+        self._startPolling()
+        self.expiry.start()
+
+    def stopService(self) -> None:
+        """
+        Restore the previous C{SIGHUP} handler, stop polling, the expiry
+        check and pending timers.
+        """
+        Service.stopService(self)
+        if self._signalInstalled:
+            signal.signal(signal.SIGHUP, self._previousHandler or signal.SIG_DFL)
+            self._signalInstalled = False
+        self._stopPolling()
+        self.expiry.stop()
+        timers, self._timers = self._timers, []
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+
+    def _onSIGHUP(self, signum: int, frame: Any) -> None:
+        """
+        The signal handler: reload from the reactor thread.
+        """
+        self.reactor.callFromThread(self.reload, "SIGHUP")
+
+    def _startPolling(self) -> None:
+        """
+        Poll every L{pollInterval} seconds, if that is above 0.
+        """
+        self._stopPolling()
+        if self.pollInterval > 0 and self.running:
+            poller = LoopingCall(self.poll)
+            poller.clock = self.reactor
+            poller.start(self.pollInterval, now=False).addErrback(
+                lambda f: self.log.failure("Polling for changed files failed", f)
+            )
+            self._poller = poller
+
+    def _stopPolling(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None and poller.running:
+            poller.stop()
+
+    # -- public -------------------------------------------------------------
+
+    def poll(self) -> Optional[ReloadResult]:
+        """
+        Reload if the content of a watched file changed (or one appeared or
+        vanished) since the last look.
+
+        @return: The reload's result, or L{None} if nothing changed.
+        """
+        current = {path: _fingerprint(path) for path in self._watched}
+        if current == self._fingerprints:
+            return None
+        changed = sorted(p for p in current if current[p] != self._fingerprints.get(p))
+        # Remember what was seen, so a broken file is reported once, not on
+        # every poll; the next change to it reloads again.
+        self._fingerprints = current
+        self.log.info("Changed: {files}; reloading", files=changed)
+        return self.reload("file change")
+
+    def expiryReport(self) -> list[ExpiryItem]:
+        """
+        The certificates and CRLs in force, soonest to expire first: a list
+        of L{ExpiryItem} (C{listener}, C{kind}, C{file}, C{subject},
+        C{serial}, C{not_after}, C{seconds_left}; C{asDict()} for JSON).
+        """
+        return self.expiry.report()
+
+    def reload(self, trigger: str = "admin") -> ReloadResult:
+        """
+        Re-read the configuration file and everything it names, and apply
+        it if it is sound; see the module docstring.  Never raises.
+
+        @param trigger: What asked for it, for the log.
+        """
+        try:
+            result = self._reload(trigger)
+        except Exception as e:
+            self.log.failure("Reload of {path} ({trigger}) failed", path=self.configPath, trigger=trigger)
+            result = ReloadResult(ok=False, error=f"internal error: {e!r}")
+        self.lastResult = result
+        return result
+
+    # -- the reload -----------------------------------------------------------
+
+    def _fail(self, trigger: str, error: str, file: Optional[str] = None, key: Optional[str] = None) -> ReloadResult:
+        self.log.error(
+            RELOAD_FAILED_FORMAT,
+            path=self.configPath,
+            trigger=trigger,
+            error=error,
+            file=file,
+            key=key,
+        )
+        return ReloadResult(ok=False, error=error)
+
+    def _reload(self, trigger: str) -> ReloadResult:
+        from .checks import checkConfiguration
+        from .config import loadConfig
+        from .tlscontext import serverContextFactory
+
+        try:
+            config = loadConfig(self.configPath)
+        except ConfigurationError as e:
+            self._watch(self._watched)
+            return self._fail(trigger, str(e), e.path, e.key)
+        # Fingerprint before the files are read, so that a change made while
+        # they are read is seen by the next poll; watch the new files too
+        # (one that is missing now may appear).
+        self._watch(list(dict.fromkeys(self._watched + watchedFiles(config))))
+        try:
+            loaded = checkConfiguration(config, self.now())
+        except ConfigurationError as e:
+            return self._fail(trigger, str(e), e.path, e.key)
+        factories: dict[str, Any] = {}
+        swappable = getattr(self.proxy, "contextFactories", {})
+        for index, listener in enumerate(config.listeners):
+            if listener.name not in swappable or listener.name not in loaded.listeners:
+                continue
+            running = self.proxy.listeners[listener.name].listenerConfig
+            if running.protocol != listener.protocol:
+                continue
+            try:
+                factories[listener.name] = serverContextFactory(
+                    listener, loaded.listeners[listener.name], clock=self.reactor
+                )
+            except (ValueError, SSL.Error) as e:
+                return self._fail(trigger, f"{config.path}: listeners[{index}]: {e}", config.path)
+        return self._apply(trigger, loaded, factories)
+
+    def _apply(self, trigger: str, loaded: Any, factories: dict[str, Any]) -> ReloadResult:
+        """
+        Put a checked configuration and its new contexts in service.
+        """
+        changes: list[str] = []
+        restart: list[str] = []
+        old = self.proxy.loaded.config
+        new = loaded.config
+        for warning in loaded.warnings:
+            # ("warning" as a field name would look like a Python warning
+            # to legacy log observers.)
+            self.log.warn("Configuration warning: {text}", text=warning)
+        _compareFields(old, new, _APPLIED_TOP_FIELDS, "", restart)
+        self._applyPools(old, new, changes, restart)
+        revoked = self._applyListeners(new, loaded, factories, changes, restart)
+        if getattr(new, "drain_timeout", None) != getattr(old, "drain_timeout", None):
+            drainer = getattr(self.proxy, "drainer", None)
+            if drainer is not None:
+                drainer.timeout = new.drain_timeout
+                changes.append(f"drain_timeout = {new.drain_timeout}")
+        self.expiry.warningDays = int(getattr(new, "expiry_warning_days", 30))
+        interval = float(getattr(new, "reload_poll_interval", 5.0))
+        if interval != self.pollInterval:
+            self.pollInterval = interval
+            self._startPolling()
+            changes.append(f"reload_poll_interval = {interval}")
+        self.proxy.loaded = attrs.evolve(loaded, listeners=dict(self.inForce))
+        # Keep the fingerprints taken before the files were read.
+        self._watched = watchedFiles(new)
+        self._fingerprints = {p: self._fingerprints.get(p) for p in self._watched}
+        self.reloads += 1
+        for change in restart:
+            self.log.warn(RESTART_NEEDED_FORMAT, path=self.configPath, change=change)
+        self.log.info(
+            RELOADED_FORMAT,
+            path=self.configPath,
+            trigger=trigger,
+            changes=changes,
+            summary="; ".join(changes) or "nothing changed",
+            applied=len(changes),
+            restartNeeded=restart,
+            restart=len(restart),
+            revoked=revoked,
+        )
+        self.expiry.check()
+        return ReloadResult(
+            ok=True, changes=tuple(changes), restartNeeded=tuple(restart), revoked=revoked
+        )
+
+    def _applyPools(self, old: Any, new: Any, changes: list[str], restart: list[str]) -> None:
+        """
+        Bring the run-time pools in line with C{new}: members added,
+        removed and re-weighted in place, selector and ejection settings;
+        new pools created.
+        """
+        from .plugins import selectorFactory
+        from .pool import Pool
+
+        pools = self.proxy.pools
+        oldPools = {p.name: p for p in old.pools}
+        for index, poolConfig in enumerate(new.pools):
+            pool = pools.get(poolConfig.name)
+            if pool is None:
+                pools[poolConfig.name] = Pool.fromConfig(
+                    poolConfig,
+                    selectorFactory(poolConfig.selector).newSelector(),
+                    clock=self.reactor,
+                )
+                changes.append(f"new pool {poolConfig.name!r}")
+                if getattr(poolConfig, "health_check", None) is not None:
+                    restart.append(f"health checks of the new pool {poolConfig.name!r}")
+                continue
+            before = oldPools.get(poolConfig.name)
+            if before is not None:
+                _compareFields(
+                    before, poolConfig, _APPLIED_POOL_FIELDS, f"pool {poolConfig.name!r}", restart
+                )
+            _updateMembers(pool, poolConfig, changes)
+            if before is None or before.selector != poolConfig.selector:
+                pool.selector = selectorFactory(poolConfig.selector).newSelector()
+                changes.append(f"pool {poolConfig.name!r}: selector {poolConfig.selector!r}")
+            _updatePoolSettings(pool, poolConfig)
+
+    def _applyListeners(
+        self,
+        new: Any,
+        loaded: Any,
+        factories: dict[str, Any],
+        changes: list[str],
+        restart: list[str],
+    ) -> int:
+        """
+        Swap the TLS contexts and update the relay settings of each running
+        listener; close connections whose certificates are now revoked.
+
+        @return: How many connections were closed.
+        """
+        running = self.proxy.listeners
+        wanted = {listener.name: listener for listener in new.listeners}
+        for name in wanted:
+            if name not in running:
+                restart.append(f"new listener {name!r}")
+        for name in running:
+            if name not in wanted:
+                restart.append(f"listener {name!r} was removed; it keeps running until a restart")
+        revoked = 0
+        for name, listenerConfig in wanted.items():
+            service = running.get(name)
+            if service is None:
+                continue
+            was = service.listenerConfig
+            if listenerConfig.protocol != was.protocol:
+                restart.append(
+                    f"listener {name!r}: protocol {was.protocol!r} -> {listenerConfig.protocol!r}"
+                )
+                continue
+            if listenerConfig.endpoint != was.endpoint:
+                restart.append(
+                    f"listener {name!r}: endpoint {was.endpoint!r} -> {listenerConfig.endpoint!r}"
+                )
+            _compareFields(
+                was,
+                listenerConfig,
+                _APPLIED_LISTENER_FIELDS | {"endpoint", "protocol"},
+                f"listener {name!r}",
+                restart,
+            )
+            if name in factories:
+                self.proxy.contextFactories[name].current = factories[name]
+                self.inForce[name] = loaded.listeners[name]
+                changes.append(f"listener {name!r}: new TLS contexts")
+            elif _tlsChanged(was, listenerConfig):
+                restart.append(f"listener {name!r}: TLS settings")
+            self._updateRelay(service, listenerConfig, new, changes, restart)
+            service.listenerConfig = attrs.evolve(listenerConfig, endpoint=was.endpoint)
+            current = getattr(self.proxy, "contextFactories", {}).get(name)
+            if current is not None and getattr(listenerConfig, "close_revoked_connections", True):
+                revoked += self._sweep(name, current.current.crls)
+                self._lateSweep(name, listenerConfig)
+        return revoked
+
+    def _updateRelay(
+        self,
+        service: Any,
+        listenerConfig: Any,
+        new: Any,
+        changes: list[str],
+        restart: list[str],
+    ) -> None:
+        """
+        Point a listener's relay at its (possibly new) pool and settings.
+        """
+        from .relay import ProxyServerFactory
+
+        factory = service.factory
+        while not isinstance(factory, ProxyServerFactory) and hasattr(factory, "wrappedFactory"):
+            factory = factory.wrappedFactory
+        pool = self.proxy.pools[listenerConfig.pool]
+        if not isinstance(factory, ProxyServerFactory):
+            if listenerConfig.pool != service.listenerConfig.pool:
+                restart.append(f"listener {listenerConfig.name!r}: pool")
+            return
+        if factory.pool is not pool:
+            factory.pool = pool
+            changes.append(f"listener {listenerConfig.name!r}: pool {pool.name!r}")
+        poolConfig = next((p for p in new.pools if p.name == pool.name), None)
+        if poolConfig is not None:
+            factory.connectTimeout = poolConfig.connect_timeout
+            factory.maxAttempts = poolConfig.max_connect_attempts
+        if hasattr(listenerConfig, "handshake_timeout") and hasattr(factory, "timeouts"):
+            from .limits import Timeouts
+
+            factory.timeouts = Timeouts.fromListener(listenerConfig)
+        gateFor = getattr(self.proxy, "_gateFor", None)
+        if gateFor is not None and hasattr(listenerConfig, "max_connections"):
+            gateFor(listenerConfig)
+
+    # -- live revocation ----------------------------------------------------
+
+    def _sweep(self, listenerName: str, crls: Any) -> int:
+        """
+        Close the established connections of a listener that C{crls}
+        revoke; abort them if they do not go within
+        L{ABORT_REVOKED_AFTER} seconds.
+        """
+        closed = closeRevokedConnections(self.proxy.connections, listenerName, crls)
+        for connection in closed:
+            self._later(ABORT_REVOKED_AFTER, _abortIfOpen, connection)
+        return len(closed)
+
+    def _lateSweep(self, listenerName: str, listenerConfig: Any) -> None:
+        """
+        Check again once the handshakes under way at the reload are over:
+        OpenSSL verified them against the CRLs of their (old) context.
+        """
+        delay = float(getattr(listenerConfig, "handshake_timeout", 10.0)) + _LATE_SWEEP
+
+        def sweep() -> None:
+            current = self.proxy.contextFactories.get(listenerName)
+            if current is not None:
+                self._sweep(listenerName, current.current.crls)
+
+        self._later(delay, sweep)
+
+    def _watch(self, paths: list[str]) -> None:
+        """
+        Watch C{paths} from now on, taking their fingerprints now.
+        """
+        self._watched = paths
+        self._fingerprints = {path: _fingerprint(path) for path in paths}
+
+    def _later(self, delay: float, f: Callable[..., object], *args: Any) -> None:
+        """
+        Call C{f} later, unless the service stops first.
+        """
+        self._timers = [t for t in self._timers if t.active()]
+        self._timers.append(self.reactor.callLater(delay, f, *args))
+
+    def _materials(self) -> dict[str, ListenerMaterial]:
+        """
+        The material in force, with the status endpoint's own (not
+        reloaded) when it has one.
+        """
+        materials = dict(self.inForce)
+        status = getattr(self.proxy, "statusMaterial", None)
+        if status is not None and "status" not in materials:
+            materials["status"] = status
+        return materials
+
+
+def _abortIfOpen(connection: Any) -> None:
+    """
+    Abort a connection closed earlier that is still not gone.
+    """
+    if getattr(getattr(connection, "phase", None), "value", None) != "closed":
+        connection.abort()
+
+
+def _compareFields(
+    old: Any, new: Any, applied: frozenset[str], where: str, restart: list[str]
+) -> None:
+    """
+    Note each setting of C{new} that differs from C{old} and is not in
+    C{applied} as needing a restart.
+    """
+    if type(old) is not type(new):
+        return
+    for field in attrs.fields(type(new)):
+        if field.name in applied:
+            continue
+        if getattr(old, field.name) != getattr(new, field.name):
+            restart.append(f"{where + ': ' if where else ''}{field.name} changed")
+
+
+def _tlsChanged(old: Any, new: Any) -> bool:
+    """
+    Do two listener configurations differ in a TLS setting?
+    """
+    for name in _APPLIED_LISTENER_FIELDS - {"name", "pool", "handshake_timeout", "idle_timeout", "max_connections"}:
+        if getattr(old, name, None) != getattr(new, name, None):
+            return True
+    return False
+
+
+def _updateMembers(pool: Any, poolConfig: Any, changes: list[str]) -> None:
+    """
+    Add, remove and re-weight a pool's members in place: kept members keep
+    their state (connection counts, health); removed ones leave the pool
+    while their established connections finish.
+    """
+    from .pool import Member
+
+    byKey = {member.key: member for member in pool.members}
+    wanted = [(m.address, m.port) for m in poolConfig.members]
+    for memberConfig in poolConfig.members:
+        key = (memberConfig.address, memberConfig.port)
+        member = byKey.get(key)
+        if member is None:
+            pool.addMember(Member(memberConfig))
+            changes.append(f"pool {pool.name!r}: member {key[0]}:{key[1]} added")
+            continue
+        if member.weight != memberConfig.weight:
+            changes.append(
+                f"pool {pool.name!r}: member {key[0]}:{key[1]} weight"
+                f" {member.weight} -> {memberConfig.weight}"
+            )
+        member.config = memberConfig
+        member.weight = memberConfig.weight
+    for key, member in byKey.items():
+        if key not in wanted:
+            pool.removeMember(member)
+            changes.append(
+                f"pool {pool.name!r}: member {key[0]}:{key[1]} removed"
+                f" ({member.activeConnections} connection(s) left to finish)"
+            )
+    order = {key: index for index, key in enumerate(wanted)}
+    pool.members[:] = sorted(pool.members, key=lambda m: order.get(m.key, len(order)))
+
+
+def _updatePoolSettings(pool: Any, poolConfig: Any) -> None:
+    """
+    Apply a pool's failure settings (C{all_unhealthy}, passive ejection).
+    """
+    if hasattr(poolConfig, "all_unhealthy"):
+        pool.allUnhealthy = poolConfig.all_unhealthy
+    if hasattr(poolConfig, "eject_after"):
+        from .health import PassiveEjectionConfig
+
+        ejection = PassiveEjectionConfig(
+            eject_after=poolConfig.eject_after,
+            eject_backoff=poolConfig.eject_backoff,
+            eject_backoff_max=poolConfig.eject_backoff_max,
+        )
+        # (The attribute is called ejectionConfig, formerly ejection.)
+        name = "ejectionConfig" if hasattr(pool, "ejectionConfig") else "ejection"
+        if ejection != getattr(pool, name, None):
+            setattr(pool, name, ejection)
+            for member in pool.members:
+                setattr(member, name, ejection)

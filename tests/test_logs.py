@@ -1,0 +1,206 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+Tests for L{mtlsproxy.logs} and the C{--log-format} option.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from twisted.logger import LogLevel, Logger, eventFromJSON
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mtlsproxy.config import LoggingConfig
+from mtlsproxy.logs import TwistdObserverFactory, jsonLinesObserver, shippable, twistdLogger
+from mtlsproxy.tap import Options
+
+
+def _event(**fields: object) -> dict[str, object]:
+    event: dict[str, object] = {
+        "log_format": "Listener {listener} up",
+        "log_level": LogLevel.info,
+        "log_namespace": "mtlsproxy.service",
+        "log_time": 1700000000.25,
+        "log_logger": Logger(),
+        "log_source": object(),
+        "listener": "web",
+    }
+    event.update(fields)
+    return event
+
+
+class ShippableTests(SynchronousTestCase):
+    """
+    L{shippable} and L{jsonLinesObserver}.
+    """
+
+    def test_operationalEvent(self) -> None:
+        """
+        When an event has no log_category, it is marked operational, with
+        an ISO timestamp, the level name and the formatted message; live
+        objects are left out.
+        """
+        result = shippable(_event())
+        self.assertEqual(result["log_category"], "operational")
+        self.assertEqual(result["timestamp"], "2023-11-14T22:13:20.250Z")
+        self.assertEqual(result["level"], "info")
+        self.assertEqual(result["message"], "Listener web up")
+        self.assertNotIn("log_logger", result)
+        self.assertNotIn("log_source", result)
+
+    def test_accessEventKeepsCategory(self) -> None:
+        """
+        When an event is an access event, log_category stays "access".
+        """
+        self.assertEqual(shippable(_event(log_category="access"))["log_category"], "access")
+
+    def test_failureInMessage(self) -> None:
+        """
+        When an event carries a failure, the message has its traceback.
+        """
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        result = shippable(_event(log_failure=failure, log_level=LogLevel.critical))
+        self.assertIn("ZeroDivisionError", result["message"])
+        self.assertEqual(result["level"], "critical")
+
+    def test_oneObjectPerLine(self) -> None:
+        """
+        When events are observed, each is one line of JSON that
+        eventFromJSON reads back, with the fields as data.
+        """
+        out = io.StringIO()
+        observer = jsonLinesObserver(out)
+        observer(_event())
+        observer(_event(log_category="access", listener="line\nbreak"))
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        first, second = (json.loads(line) for line in lines)
+        self.assertEqual((first["listener"], first["log_category"]), ("web", "operational"))
+        self.assertEqual((second["listener"], second["log_category"]), ("line\nbreak", "access"))
+        self.assertEqual(eventFromJSON(lines[0])["log_level"], LogLevel.info)
+
+
+class _Parent(dict):  # type: ignore[type-arg]
+    """
+    Stands for twistd's options.
+    """
+
+
+class ObserverFactoryTests(SynchronousTestCase):
+    """
+    L{TwistdObserverFactory}: which observer twistd gets.
+    """
+
+    def factory(self, logFormat: str | None = None, logging: LoggingConfig | None = None,
+                **twistd: object) -> TwistdObserverFactory:
+        options = Options()
+        options["log-format"] = logFormat
+        if logging is not None:
+            options.loggingConfig = logging  # type: ignore[attr-defined]
+        return TwistdObserverFactory(options, _Parent(twistd))
+
+    def test_textDefaultIsTwistds(self) -> None:
+        """
+        When nothing asks for JSON or a file, the factory returns None, so
+        twistd makes its usual observer.
+        """
+        self.assertIsNone(self.factory()())
+        self.assertIsNone(self.factory(logging=LoggingConfig())())
+        self.assertIsNone(self.factory(logfile="x.log")())
+
+    def test_unattached(self) -> None:
+        """
+        When the factory was never attached to options, twistd's default is
+        used.
+        """
+        self.assertIsNone(TwistdObserverFactory()())
+
+    def test_jsonToStdout(self) -> None:
+        """
+        When --log-format json is given with -n, JSON goes to standard
+        output.
+        """
+        out = io.StringIO()
+        self.patch(__import__("sys"), "stdout", out)
+        observer = self.factory("json", nodaemon=True)()
+        assert observer is not None
+        observer(_event())
+        self.assertEqual(json.loads(out.getvalue())["message"], "Listener web up")
+
+    def test_configFormatAndFile(self) -> None:
+        """
+        When [logging] says json and a file, JSON lines go to that file.
+        """
+        path = os.path.abspath(self.mktemp())
+        observer = self.factory(logging=LoggingConfig(format="json", file=path))()
+        assert observer is not None
+        observer(_event())
+        with open(path) as f:
+            self.assertEqual(json.loads(f.read())["listener"], "web")
+
+    def test_optionOverridesConfig(self) -> None:
+        """
+        When --log-format text is given and [logging] says json, the format
+        is text; twistd's --logfile beats [logging] file.
+        """
+        twistdFile = os.path.abspath(self.mktemp())
+        configFile = os.path.abspath(self.mktemp())
+        factory = self.factory("text", LoggingConfig(format="json", file=configFile), logfile=twistdFile)
+        self.assertEqual(factory.format(), "text")
+        self.assertIsNone(factory())
+        observer = self.factory(None, LoggingConfig(format="json", file=configFile), logfile=twistdFile)()
+        assert observer is not None
+        observer(_event())
+        self.assertTrue(os.path.exists(twistdFile))
+        self.assertFalse(os.path.exists(configFile))
+
+    def test_textToConfigFile(self) -> None:
+        """
+        When [logging] names a file in text format, text lines go there.
+        """
+        path = os.path.abspath(self.mktemp())
+        observer = self.factory(logging=LoggingConfig(file=path))()
+        assert observer is not None
+        observer(_event())
+        with open(path) as f:
+            self.assertIn("[mtlsproxy.service#info] Listener web up", f.read())
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    C{twistd mtlsproxy --log-format}.
+    """
+
+    def test_badFormat(self) -> None:
+        """
+        When --log-format is neither text nor json, it is a usage error.
+        """
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--config", "x", "--log-format", "xml"]
+        )
+        self.assertIn('--log-format must be "text" or "json"', str(error))
+
+    def test_installedAsTwistdLogger(self) -> None:
+        """
+        When parsed as twistd's sub-command without --logger, the options
+        name mtlsproxy.logs.twistdLogger as twistd's logger and attach to
+        it; with --logger given, they leave it alone.
+        """
+        self.addCleanup(twistdLogger.attach, None, None)
+        options = Options()
+        options.parent = _Parent(logger=None)  # type: ignore[attr-defined]
+        options.parseOptions(["--config", "x", "--log-format", "json"])
+        self.assertEqual(options.parent["logger"], "mtlsproxy.logs.twistdLogger")  # type: ignore[attr-defined]
+        self.assertIs(twistdLogger.options, options)
+
+        options = Options()
+        options.parent = _Parent(logger="mtlsproxy.logs.jsonLogger")  # type: ignore[attr-defined]
+        options.parseOptions(["--config", "x"])
+        self.assertEqual(options.parent["logger"], "mtlsproxy.logs.jsonLogger")  # type: ignore[attr-defined]
