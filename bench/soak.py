@@ -93,8 +93,13 @@ async def _backendMain() -> None:
     print(server.sockets[0].getsockname()[1], flush=True)
     # Exit with the parent: it holds our stdin open.
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(sys.stdin.fileno(), lambda: done.done() or done.set_result(None))
+    done: asyncio.Future[None] = loop.create_future()
+
+    def stdinReadable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(sys.stdin.fileno(), stdinReadable)
     await done
 
 
@@ -226,8 +231,8 @@ class Processes:
                 return int(match.group(1))
             if self.proxy.poll() is not None:
                 with open(os.path.join(self.directory, "twistd.out"), errors="replace") as f:
-                    output = f.read()
-                raise RuntimeError(f"twistd exited {self.proxy.returncode}:\n{output}{self.log()}")
+                    printed = f.read()
+                raise RuntimeError(f"twistd exited {self.proxy.returncode}:\n{printed}{self.log()}")
             time.sleep(0.05)
         raise RuntimeError(f"proxy did not start listening:\n{self.log()}")
 
@@ -546,7 +551,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             problems.append(f"the proxy exited with status {processes.proxy.returncode}")
         print(f"soak: {'FAILED: ' + '; '.join(problems) if problems else 'OK'} in {time.monotonic() - started:.1f}s", flush=True)
         return 1 if problems else 0
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:
         print(f"soak: could not run: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

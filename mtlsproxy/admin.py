@@ -130,7 +130,7 @@ class BcryptPasswordFile:
             )
         return hashes
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         """
         The user name if the password matches its hash, else
         L{UnauthorizedLogin}.
@@ -432,10 +432,24 @@ class _AdminManhole(ColoredManhole):
     session (rather than the process).
     """
 
+    _greeted = False
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.interpreter.locals["exit"] = self.interpreter.locals["quit"] = self._exit
-        self.terminal.write(b"mtlsproxy admin console; help() lists the commands.\n")
+
+    def terminalSize(self, width: int, height: int) -> None:
+        """
+        The session started (or the window changed): clear the screen, greet
+        once, draw the prompt.
+        """
+        self.terminal.eraseDisplay()
+        self.terminal.cursorHome()
+        self.width = width
+        self.height = height
+        if not self._greeted:
+            self._greeted = True
+            self.terminal.write(b"mtlsproxy admin console; help() lists the commands.\n")
         self.drawInputLine()
 
     def _exit(self, *args: Any) -> _Text:
@@ -507,6 +521,7 @@ class _AdminUser(manhole_ssh.TerminalUser):
         self.avatarId = avatarId
 
 
+@implementer(portal.IRealm)
 class AdminRealm(manhole_ssh.TerminalRealm):
     """
     Gives every logged-in user the admin prompt over a fresh copy of the
@@ -519,9 +534,13 @@ class AdminRealm(manhole_ssh.TerminalRealm):
     def __init__(self, namespaceFactory: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
         self.namespaceFactory = namespaceFactory
-        self.chainedProtocolFactory = lambda: insults.ServerProtocol(
-            _AdminManhole, self.namespaceFactory()
-        )
+        self.chainedProtocolFactory = self._newTerminal  # type: ignore[assignment]
+
+    def _newTerminal(self) -> insults.ServerProtocol:
+        """
+        The terminal of a new interactive session, over a fresh namespace.
+        """
+        return insults.ServerProtocol(_AdminManhole, self.namespaceFactory())
 
     def _getAvatar(self, avatarId: bytes) -> Any:
         user = super()._getAvatar(avatarId)
@@ -529,7 +548,7 @@ class AdminRealm(manhole_ssh.TerminalRealm):
         sessionObject.namespaceFactory = self.namespaceFactory
         return user
 
-    def requestAvatar(self, avatarId: bytes, mind: Any, *interfaces: Any) -> Any:
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
         log.info(
             "Admin console: {user} logged in",
             user=avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId,
@@ -548,8 +567,9 @@ class _AdminFactory(manhole_ssh.ConchFactory):
     def __init__(self, sshPortal: portal.Portal, hostKey: keys.Key) -> None:
         super().__init__(sshPortal)
         name = hostKey.sshType()
-        self.publicKeys = {name: hostKey.public()}
-        self.privateKeys = {name: hostKey}
+        # (Twisted annotates these as bytes; they hold Key objects.)
+        self.publicKeys = {name: hostKey.public()}  # type: ignore[dict-item]
+        self.privateKeys = {name: hostKey}  # type: ignore[dict-item]
 
 
 class AdminService(Service):
@@ -561,9 +581,9 @@ class AdminService(Service):
     """
 
     log = Logger()
-    name = "admin"
 
     def __init__(self, reactor: Any, proxy: Any, adminConfig: Any, configPath: str) -> None:
+        self.setName("admin")
         self._reactor = reactor
         self.proxy = proxy
         self.config = adminConfig
@@ -594,7 +614,7 @@ class AdminService(Service):
         host = getattr(address, "host", None)
         self.log.info(
             "Admin console (ssh) listening on {address}, host key {fingerprint}",
-            address=str(address) if host is None else f"{host}:{address.port}",
+            address=str(address) if host is None else f"{host}:{getattr(address, 'port', '')}",
             fingerprint=self.hostKey.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
         )
 

@@ -312,6 +312,8 @@ class _BackendWriteControl:
         exchange = self._backend.exchange
         if exchange is not None:
             exchange.client._resumeReading("backend")
+            # Request events h11 parsed while the backend was full.
+            exchange.client._processEvents()
 
     def stopProducing(self) -> None:
         pass
@@ -518,6 +520,8 @@ class _Exchange:
         self.bytesIn = 0
         self.bytesOut = 0
         self._responseTimer: Optional[IDelayedCall] = None
+        self._forwarding = False
+        self._forwardAgain = False
 
     # -- choosing and connecting a backend ------------------------------------
 
@@ -731,15 +735,28 @@ class _Exchange:
         """
         Forward what the backend sent, as far as h11 can parse it.
         """
+        if self._forwarding:
+            self._forwardAgain = True
+            return
+        self._forwarding = True
         try:
-            self._forwardResponse(backend)
+            self._forwardAgain = True
+            while self._forwardAgain:
+                self._forwardAgain = False
+                self._forwardResponse(backend)
         except h11.LocalProtocolError as e:
             # h11 refused to frame it for the client.
             self._badResponse(f"response cannot be forwarded: {e}")
+        finally:
+            self._forwarding = False
 
     def _forwardResponse(self, backend: BackendHTTPProtocol) -> None:
         client = self.client
         while backend is self.backend and self.phase is _ExchangePhase.FORWARDING:
+            if client._writePaused:
+                # A TLS transport that buffers asks us to stop writing;
+                # writing on would reorder.  resumeProducing comes back.
+                return
             try:
                 event = backend.conn.next_event()
             except h11.RemoteProtocolError as e:
@@ -945,6 +962,10 @@ class _ClientWriteControl:
         backend = self._client._currentBackend()
         if backend is not None:
             backend.resumeReading()
+            exchange = backend.exchange
+            if exchange is not None:
+                # Response events h11 parsed while the client was full.
+                exchange._backendEvents(backend)
 
     def stopProducing(self) -> None:
         pass
@@ -1275,6 +1296,9 @@ class HTTPProxyProtocol(Protocol):
         while self.phase in (ClientPhase.IDLE, ClientPhase.ACTIVE):
             exchange = self._exchange
             if exchange is not None and exchange.phase is _ExchangePhase.CONNECTING:
+                return
+            if exchange is not None and exchange.backend is not None and exchange.backend.writePaused:
+                # The backend is full; its resumeProducing comes back here.
                 return
             if self.conn.their_state is h11.ERROR:
                 return

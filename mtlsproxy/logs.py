@@ -174,9 +174,10 @@ class TwistdObserverFactory:
                 return None
             if twistdFile == "-":
                 return jsonLinesObserver(sys.stdout)
-            return jsonLinesObserver(_openLogFile(twistdFile))
+            return jsonLinesObserver(_openLogFile(twistdFile))  # type: ignore[arg-type]
+        outFile: Any
         if configFile:
-            outFile: IO[Any] = _openLogFile(configFile)
+            outFile = _openLogFile(configFile)
         elif fmt == "text":
             return None
         elif self.twistdOptions.get("nodaemon"):

@@ -306,12 +306,19 @@ class ProxyStateCollector:
         perListener: dict[str, int] = {name: 0 for name in proxy.listeners}
         for info in proxy.connections.snapshot():
             perListener[info.listener] = perListener.get(info.listener, 0) + 1
+        atCapacity = GaugeMetricFamily(
+            "mtlsproxy_listener_at_capacity",
+            "1 while the listener has max_connections open and does not accept.",
+            labels=["listener"],
+        )
         for name, listener in proxy.listeners.items():
             listening.add_metric([name], 1.0 if getattr(listener, "port", None) else 0.0)
+            atCapacity.add_metric([name], 1.0 if getattr(listener, "atCapacity", False) else 0.0)
         for name, count in perListener.items():
             active.add_metric([name], float(count))
         yield listening
         yield active
+        yield atCapacity
 
         draining = GaugeMetricFamily(
             "mtlsproxy_draining", "1 while the proxy is shutting down gracefully."

@@ -562,8 +562,10 @@ class ProxyServerProtocol(Protocol):
         if self.phase is Phase.HANDSHAKING:
             self._noteClose(CloseReason.HANDSHAKE_FAILED)
             self._tlsFacts = _tlsFactsOf(self.transport)
+            timedOut = self._closeReason == CloseReason.HANDSHAKE_TIMEOUT
             self.factory.metrics.handshakeFailed(
-                rejectionReason(self.transport) or "aborted",
+                rejectionReason(self.transport)
+                or (CloseReason.HANDSHAKE_TIMEOUT if timedOut else "aborted"),
                 self.factory.reactor.seconds() - self._started,
             )
         else:

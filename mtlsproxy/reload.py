@@ -554,7 +554,7 @@ class Reloader(Service):
             elif _tlsChanged(was, listenerConfig):
                 restart.append(f"listener {name!r}: TLS settings")
             self._updateRelay(service, listenerConfig, new, changes, restart)
-            service.listenerConfig = attrs.evolve(listenerConfig, endpoint=was.endpoint)
+            service.listenerConfig = _running(was, listenerConfig)
             current = getattr(self.proxy, "contextFactories", {}).get(name)
             if current is not None and getattr(listenerConfig, "close_revoked_connections", True):
                 revoked += self._sweep(name, current.current.crls)
@@ -656,6 +656,23 @@ def _abortIfOpen(connection: Any) -> None:
     """
     if getattr(getattr(connection, "phase", None), "value", None) != "closed":
         connection.abort()
+
+
+def _running(was: Any, wanted: Any) -> Any:
+    """
+    The configuration a listener runs with after a reload: the settings a
+    reload applies from C{wanted}, the others (endpoint, protocol, ...)
+    still from C{was}.
+    """
+    kept = {
+        field.name: getattr(was, field.name)
+        for field in attrs.fields(type(wanted))
+        if field.name not in _APPLIED_LISTENER_FIELDS and field.init
+    }
+    try:
+        return attrs.evolve(wanted, **kept)
+    except (ConfigurationError, ValueError, TypeError):
+        return attrs.evolve(wanted, endpoint=was.endpoint)
 
 
 def _compareFields(

@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -465,7 +466,7 @@ class _Members(Resource):
             )
         if request.getHeader(b"origin") is not None:
             return _json(request, 403, {"error": "cross-origin requests are refused"})
-        path = [segment.decode("utf-8", "replace") for segment in request.postpath]
+        path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
         if len(path) != 3 or path[2] not in ("drain", "enable"):
             return _json(
                 request, 404, {"error": "expected /members/<pool>/<address>:<port>/drain or /enable"}
@@ -541,7 +542,7 @@ def isLocal(address: Any) -> bool:
 class _QuietSite(Site):
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """
         No access log line per request: scrapes every few seconds would
         drown the proxy's own events.
@@ -558,7 +559,6 @@ class StatusService(Service):
     """
 
     log = Logger()
-    name = "status"
 
     def __init__(
         self,
@@ -568,6 +568,7 @@ class StatusService(Service):
         statusConfig: Any,
         material: Optional[ListenerMaterial] = None,
     ) -> None:
+        self.setName("status")
         self._reactor = reactor
         self.config = statusConfig
         self.resource = StatusResource(proxy, registry, reactor, lambda: self.controlAllowed)
@@ -601,7 +602,9 @@ class StatusService(Service):
         )
         host = getattr(address, "host", None)
         where = str(address) if host is None else (
-            f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+            f"[{host}]:{getattr(address, 'port', '')}"
+            if ":" in host
+            else f"{host}:{getattr(address, 'port', '')}"
         )
         self.log.info(
             "Status endpoint ({scheme}) listening on {address}; member control {control}",

@@ -322,12 +322,16 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         """
         if self._lostTLSConnection or not data:
             return
+        # pyOpenSSL turns on SSL_MODE_ENABLE_PARTIAL_WRITE: SSL_write returns
+        # after one record (16 KiB), so go on until OpenSSL took everything.
+        view = memoryview(data)
         try:
-            self._tlsConnection.send(data)
+            while view:
+                view = view[self._tlsConnection.send(view) :]
         except WantReadError:
-            # The handshake is not finished: nothing was written; retried
+            # The handshake is not finished: nothing more was written; retried
             # with the same bytes by _unbufferPendingWrites.
-            self._bufferedWrite(data)
+            self._bufferedWrite(bytes(view))
             return
         except Error:
             self._tlsShutdownFinished(Failure())

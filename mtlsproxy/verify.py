@@ -796,7 +796,7 @@ def logUnknownServerName(
     @param serverName: The name the client sent.
     """
     tlsProtocol = connection.get_app_data()
-    _markLogged(connection, tlsProtocol)
+    _markLogged(connection, tlsProtocol, UNKNOWN_SNI)
     fields: dict[str, Any] = dict(
         _LEAF_NONE,
         reason=UNKNOWN_SNI,

@@ -39,3 +39,11 @@ fi
 # layout's twisted/plugins/ is found by twisted.plugin.getPlugins.
 .venv/bin/python -m pip install -q --disable-pip-version-check \
     -e '.[test]' --config-settings editable_mode=compat
+
+# The TLS scanner that grades the default policy (tests/test_tlsgrade.py).
+# SSLyze pins an older cryptography than mtlsproxy needs, so it gets a
+# virtualenv of its own, inside the ignored .venv/.
+if [ ! -x .venv/tools/sslyze/bin/sslyze ]; then
+    "$PYTHON" -m venv .venv/tools/sslyze
+    .venv/tools/sslyze/bin/python -m pip install -q --disable-pip-version-check 'sslyze>=6.1,<7'
+fi

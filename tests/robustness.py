@@ -133,7 +133,8 @@ class LimitedProxyProcess(ProxyProcess):
 
     fileLimit: Optional[int] = None
 
-    def start(self, listeners: int = 1, timeout: float = 20.0) -> "LimitedProxyProcess":
+    def start(self, listeners: int = 1, timeout: float = 20.0,
+              env: Optional[dict[str, str]] = None) -> "LimitedProxyProcess":
         limit = self.fileLimit
 
         def lower() -> None:
@@ -144,6 +145,7 @@ class LimitedProxyProcess(ProxyProcess):
             [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logfile,
              "mtlsproxy", "--config", self.config],
             cwd=self.directory,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=lower,
@@ -279,7 +281,7 @@ def readUntilClosed(conn: SSL.Connection, timeout: float) -> tuple[bytes, str]:
     it ended: C{"close_notify"}, C{"eof"} (TCP FIN without close_notify),
     C{"reset"} or C{"timeout"}.
     """
-    chunks = []
+    chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

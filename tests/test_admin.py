@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import channel, common, connection, keys, session, transport, userauth
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.testing import EventLoggingObserver
@@ -257,17 +257,18 @@ class _Session(channel.SSHChannel):
         self.output = b""
         self.exitStatus: Optional[int] = None
         self.done: defer.Deferred[bytes] = defer.Deferred()
+        self.isClosed = False
         self._sentInput = False
         self._sentEOF = False
 
     def channelOpen(self, specificData: bytes) -> None:
         if self.command is not None:
-            self.conn.sendRequest(self, b"exec", common.NS(self.command), wantReply=True)
+            self.conn.sendRequest(self, b"exec", common.NS(self.command))
             return
-        d = self.conn.sendRequest(
-            self, b"pty-req", session.packRequest_pty_req(b"xterm", (24, 80, 0, 0), b""), wantReply=True
+        self.conn.sendRequest(
+            self, b"pty-req", session.packRequest_pty_req(b"xterm", (24, 80, 0, 0), b"")
         )
-        d.addCallback(lambda _: self.conn.sendRequest(self, b"shell", b"", wantReply=True))
+        self.conn.sendRequest(self, b"shell", b"")
 
     def dataReceived(self, data: bytes) -> None:
         self.output += data
@@ -283,9 +284,8 @@ class _Session(channel.SSHChannel):
         self.exitStatus = int.from_bytes(data[:4], "big")
 
     def closed(self) -> None:
-        self.loseConnection()
-        if not self.done.called:
-            self.done.callback(self.output)
+        self.isClosed = True
+        self.conn.transport.loseConnection()
 
 
 class _Connection(connection.SSHConnection):
@@ -336,8 +336,11 @@ class _Transport(transport.SSHClientTransport):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         super().connectionLost(reason)
-        if not self.factory.session.done.called:
-            self.factory.session.done.errback(reason)
+        session = self.factory.session
+        if session.isClosed:
+            session.done.callback(session.output)
+        else:
+            session.done.errback(reason)
 
 
 class _ClientFactory(ClientFactory):
@@ -382,11 +385,16 @@ class SSHTests(TestCase):
         return service
 
     def login(self, service: AdminService, session: _Session, key: Optional[keys.Key],
-            password: Optional[bytes] = None) -> defer.Deferred[bytes]:
+              password: Optional[bytes] = None, user: bytes = b"admin") -> defer.Deferred[bytes]:
         assert service.port is not None
-        factory = _ClientFactory(service.hostKey, session, key, password)
+        factory = _ClientFactory(service.hostKey, session, key, password, user)
         reactor.connectTCP("127.0.0.1", service.port.getHost().port, factory, timeout=10)
-        return session.done
+
+        def settle(result: object) -> defer.Deferred[object]:
+            # Let the server side see the disconnection too.
+            return task.deferLater(reactor, 0.05, lambda: result)
+
+        return session.done.addBoth(settle)
 
     @defer.inlineCallbacks
     def test_interactiveShell(self) -> Any:
@@ -437,7 +445,7 @@ class SSHTests(TestCase):
         """
         service = self.startAdmin()
         session = _Session(b"1 + 1", b"", b"")
-        yield self.assertFailure(self.login(service, session, None, b"s3cret"), Exception)
+        yield self.assertFailure(self.login(service, session, None, b"s3cret", b"ops"), Exception)
         yield service.stopService()
         withPasswords = AdminConfig(
             authorized_keys=self.config.authorized_keys,
@@ -447,7 +455,7 @@ class SSHTests(TestCase):
         )
         service = self.startAdmin(withPasswords)
         session = _Session(b"1 + 1", b"", b"")
-        output = yield self.login(service, session, None, b"s3cret")
+        output = yield self.login(service, session, None, b"s3cret", b"ops")
         self.assertEqual(output, b"2\n")
 
 

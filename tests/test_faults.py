@@ -69,6 +69,11 @@ An echo backend to run as a child process, so that it can be SIGKILLed.
 """
 
 
+def _closeAll(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
 class _Port:
     """
     Stands for a backend in L{tlsConfig}: only its port matters.
@@ -164,7 +169,13 @@ class BackendFaultTests(_ProxyFixture, SynchronousTestCase):
         goes back to 0 and the proxy holds no descriptor for it.
         """
         backend = subprocess.Popen([sys.executable, "-c", _KILLABLE_ECHO], stdout=subprocess.PIPE)
-        self.addCleanup(lambda: (backend.poll() is None and backend.kill(), backend.wait()))
+
+        def stopBackend() -> None:
+            if backend.poll() is None:
+                backend.kill()
+            backend.wait()
+
+        self.addCleanup(stopBackend)
         assert backend.stdout is not None
         self.addCleanup(backend.stdout.close)
         backendPort = int(backend.stdout.readline())
@@ -210,7 +221,11 @@ class BackendFaultTests(_ProxyFixture, SynchronousTestCase):
         """
         release = threading.Event()
         self.addCleanup(release.set)
-        backend = ScriptedBackend(lambda conn: release.wait(30))
+
+        def hold(conn: socket.socket) -> None:
+            release.wait(30)
+
+        backend = ScriptedBackend(hold)
         self.addCleanup(backend.stop)
         self.startProxy([backend.port], extraListener="idle_timeout = 1.5\n")
         baseline = openDescriptors(self.pid)
@@ -402,7 +417,7 @@ class DescriptorExhaustionTests(_ProxyFixture, SynchronousTestCase):
         port = self.proxy.ports["mtls"]
 
         held: list[socket.socket] = []
-        self.addCleanup(lambda: [s.close() for s in held])
+        self.addCleanup(_closeAll, held)
         for _ in range(80):
             held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
         self.assertTrue(waitUntil(lambda: "EMFILE encountered" in self.proxy.log(), 10), self.proxy.log()[-3000:])

@@ -85,9 +85,9 @@ def oversizedClientHello(size: int) -> bytes:
     (more than the 64 KiB an extensions block can hold), in records.
     """
     hello = b"\x03\x03" + os.urandom(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
-    extensions = []
+    extensions: list[bytes] = []
     kind = 0xFA00
-    while len(hello) + 2 + sum(map(len, extensions)) < size:
+    while len(hello) + 2 + sum(len(e) for e in extensions) < size:
         extensions.append(struct.pack("!HH", kind, 4000) + os.urandom(4000))
         kind += 1
     block = b"".join(extensions)
@@ -273,7 +273,7 @@ class HostileClientTests(SynchronousTestCase):
         selector = selectors.DefaultSelector()
         self.addCleanup(selector.close)
         sockets: list[socket.socket] = []
-        self.addCleanup(lambda: [s.close() for s in sockets])
+        self.addCleanup(_closeAll, sockets)
         opening = time.monotonic()
         for index in range(STALLED):
             sock = socket.socket()
@@ -328,6 +328,11 @@ class HostileClientTests(SynchronousTestCase):
         for sock in sockets:
             sock.close()
         self.assertServes()
+
+
+def _closeAll(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _sendIgnoringErrors(sock: socket.socket, data: bytes) -> Optional[BaseException]:

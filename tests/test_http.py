@@ -698,6 +698,38 @@ class ProxyTests(SynchronousTestCase):
         h.clientTransport.producer.resumeProducing()
         self.assertEqual(backend.transport.producerState, "producing")
 
+    def test_clientFullHoldsResponse(self) -> None:
+        """
+        While the client's transport asks to pause, response bytes already
+        read from the backend are not written (a TLS transport would
+        reorder them); they follow on resume, in order.
+        """
+        h = HTTPHarness()
+        h.request()
+        backend = h.connectBackend()
+        h.clientTransport.producer.pauseProducing()
+        backend.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabcdef")
+        self.assertEqual(h.clientTransport.value(), b"")
+        h.clientTransport.producer.resumeProducing()
+        events = h.responses()
+        self.assertEqual((_statuses(events), _body(events)), ([200], b"abcdef"))
+
+    def test_backendFullHoldsRequest(self) -> None:
+        """
+        While the backend's transport asks to pause, request body bytes
+        already read from the client are not written; they follow on
+        resume.
+        """
+        h = HTTPHarness()
+        h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n")
+        backend = h.connectBackend()
+        backend.events()
+        backend.transport.producer.pauseProducing()
+        h.send(b"body")
+        self.assertEqual(backend.events(), [])
+        backend.transport.producer.resumeProducing()
+        self.assertEqual(_body(backend.events()), b"body")
+
     def test_clientPausedWhileConnecting(self) -> None:
         """
         While a backend is being connected, the client is not read.

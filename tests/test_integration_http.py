@@ -721,6 +721,11 @@ def tls13Exchange(pkiObj: DemoPKI, port: int, payload: bytes, serverName: bytes 
     """
     context = clientContext(pkiObj, name, SSL.TLS1_3_VERSION)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        # pyOpenSSL wants a blocking socket; bound the waits in the kernel.
+        sock.settimeout(None)
+        timeout = struct.pack("ll", 20, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         localPort = sock.getsockname()[1]
         conn = SSL.Connection(context, sock)
         conn.set_tlsext_host_name(serverName)
@@ -769,7 +774,7 @@ class ProxyProtocolTests(_Base, SynchronousTestCase):
             + pool("default", [self.echoDefault.port])
             + pool("app", [self.http.port])
         )
-        self.startProxy(config, 5)
+        self.startProxy(config, 6)
 
     def test_proxyV2ToBackend(self) -> None:
         """
@@ -796,6 +801,26 @@ class ProxyProtocolTests(_Base, SynchronousTestCase):
             self.pki.client.certificate.public_bytes(Encoding.DER),
         )
         self.assertEqual(document["payload"], "hello backend")
+
+    def test_passthroughVerifyField(self) -> None:
+        """
+        On a C{tls} listener with C{client_auth = "passthrough"}, a client
+        certificate from an unknown CA is relayed, and the PROXY v2 header
+        tells the backend: verify is OpenSSL's error number, the CN and the
+        certificate are there.
+        """
+        answer, _ = tls13Exchange(self.pki, self.proxy.ports["pppass"], b"hi", name="untrusted")
+        document = json.loads(answer)
+        self.assertFalse(document["verified"])
+        self.assertIn(document["verify"], (2, 18, 19, 20, 21))
+        self.assertEqual(document["cn"], "client-untrusted")
+        self.assertEqual(
+            bytes.fromhex(document["certificate"]),
+            self.pki.untrusted.certificate.public_bytes(Encoding.DER),
+        )
+        self.assertEqual(document["payload"], "hi")
+        answer, _ = tls13Exchange(self.pki, self.proxy.ports["pppass"], b"hi")
+        self.assertEqual(json.loads(answer)["verify"], 0)
 
     def test_sniRouting(self) -> None:
         """

@@ -15,7 +15,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -41,7 +41,7 @@ from tests.test_tlsproto import HalfCloseRecorder, ServerCreator, connectTLS, se
 
 
 def _observe(testCase: SynchronousTestCase) -> EventLoggingObserver:
-    return EventLoggingObserver.createWithCleanup(testCase, globalLogPublisher)
+    return EventLoggingObserver.createWithCleanup(testCase, globalLogPublisher)  # type: ignore[arg-type]
 
 
 def _events(observer: EventLoggingObserver, **fields: Any) -> list[Any]:
@@ -115,7 +115,12 @@ class IdleTimerTests(SynchronousTestCase):
         """
         When C{expired} starts the timer again, it runs a full period again.
         """
-        timer = IdleTimer(self.clock, 10.0, lambda: (self.expired.append(self.clock.seconds()), timer.start()))
+
+        def expired() -> None:
+            self.expired.append(self.clock.seconds())
+            timer.start()
+
+        timer = IdleTimer(self.clock, 10.0, expired)
         timer.start()
         self.clock.advance(10)
         self.clock.advance(10)
@@ -163,7 +168,9 @@ class ConnectionGateTests(SynchronousTestCase):
         self.assertEqual(self.port.paused, 1)
         self.assertTrue(self.gate.atCapacity)
         self.assertEqual(self.gate.capacityEpisodes, 1)
-        [event] = _events(self.observer, listener="web", log_level=self.observer[0]["log_level"])
+        [event] = self.observer
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["listener"], "web")
         self.assertIn("max_connections", event["log_format"])
         self.assertEqual(event["max_connections"], 2)
         self.assertEqual(event["episode"], 1)
@@ -485,7 +492,9 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         tls = self.tlsFactory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 5000))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 5000))
         tls.makeConnection(transport)
-        return tls, transport, tls.wrappedProtocol
+        relay = tls.wrappedProtocol
+        assert isinstance(relay, ProxyServerProtocol)
+        return tls, transport, relay
 
     def test_silentClientAborted(self) -> None:
         """
@@ -508,6 +517,26 @@ class HandshakeTimeoutTests(SynchronousTestCase):
         self.assertEqual(self.h.reactor.tcpClients, [])
         self.assertEqual(self.h.reactor.getDelayedCalls(), [])
         self.assertEqual(self.h.gate.active, 0)
+
+    def test_metricsReason(self) -> None:
+        """
+        When a handshake times out, the handshake metric's reason is
+        handshake_timeout (not aborted).
+        """
+        failed: list[str] = []
+
+        class Metrics:
+            def handshakeFailed(self, reason: str, seconds: float) -> None:
+                failed.append(reason)
+
+            def __getattr__(self, name: str) -> Any:
+                return lambda *args, **kwargs: None
+
+        self.h.factory.metrics = Metrics()  # type: ignore[assignment]
+        tls, transport, relay = self.silentClient()
+        self.h.reactor.advance(10)
+        tls.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(failed, ["handshake_timeout"])
 
     def test_slowBytesDoNotExtend(self) -> None:
         """

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 
 from twisted.logger import LogLevel, Logger, eventFromJSON
 from twisted.python import usage
@@ -97,6 +98,11 @@ class ObserverFactoryTests(SynchronousTestCase):
     """
     L{TwistdObserverFactory}: which observer twistd gets.
     """
+
+    def setUp(self) -> None:
+        # Opening a log file installs a SIGUSR1 handler (rotation), as twistd does.
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
 
     def factory(self, logFormat: str | None = None, logging: LoggingConfig | None = None,
                 **twistd: object) -> TwistdObserverFactory:

@@ -320,6 +320,3 @@ class FactoryDefaultsTests(SynchronousTestCase):
             factory.connections, ProxyServerFactory(object(), "w", pool, 1.0, 1, False).connections
         )
         self.assertIsInstance(factory.buildProtocol(None), ProxyServerProtocol)
-
-
-

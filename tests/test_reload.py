@@ -389,6 +389,30 @@ class ReloadTests(_EventsMixin, SynchronousTestCase):
         self.assertIn("pool 'app': member 127.0.0.1:9001 weight 1 -> 5", result.changes)
         self.assertIn("pool 'app': member 127.0.0.1:9003 added", result.changes)
 
+    def test_relaySettings(self) -> None:
+        """
+        When the listener is pointed at a new pool with its own connect
+        settings, new connections are relayed with them.
+        """
+        with open(self.fixture.configPath) as f:
+            text = f.read()
+        text = text.replace('pool = "app"\nclient_auth', 'pool = "other"\nclient_auth')
+        text += (
+            '\n[[pools]]\nname = "other"\nconnect_timeout = 1.5\nmax_connect_attempts = 7\n'
+            '[[pools.members]]\naddress = "127.0.0.1"\nport = 9100\n'
+        )
+        with open(self.fixture.configPath, "w") as f:
+            f.write(text)
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        factory = self.proxy.listeners["mtls"].factory
+        while hasattr(factory, "wrappedFactory"):
+            factory = factory.wrappedFactory
+        self.assertIs(factory.pool, self.proxy.pools["other"])
+        self.assertEqual((factory.connectTimeout, factory.maxAttempts), (1.5, 7))
+        self.assertIn("new pool 'other'", result.changes)
+        self.assertEqual(self.proxy.listeners["mtls"].listenerConfig.pool, "other")
+
     def test_restartNeeded(self) -> None:
         """
         When a listener's endpoint changes or a listener is added, the
