@@ -577,7 +577,8 @@ class AdminService(Service):
     Serves the admin console on the configured endpoint.
 
     @ivar port: The listening port once listening, else L{None}.
-    @ivar hostKey: The server's host key once started.
+    @ivar hostKey: The server's host key (read or generated when the service
+        is built, so that a bad key file is a configuration error).
     """
 
     log = Logger()

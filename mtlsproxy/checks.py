@@ -587,6 +587,7 @@ def _checkPools(config: ProxyConfig, warnings: list[str]) -> None:
     from .plugins import selectorFactory
 
     used = {listener.pool for listener in config.listeners}
+    used.update(r.pool for listener in config.listeners for r in getattr(listener, "routes", ()))
     for index, pool in enumerate(config.pools):
         try:
             selectorFactory(pool.selector)

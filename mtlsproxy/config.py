@@ -301,6 +301,16 @@ def _integer(low: int, high: int) -> Callable[[object, attrs.Attribute[Any], obj
     return validate
 
 
+def _workersValue(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """
+    Validate C{workers}: an integer from 1 to 256, or C{"auto"}.
+    """
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise _refuse(attribute, 'an integer from 1 to 256 or "auto"', value)
+
+
 def _atLeast(low: int) -> Callable[[object, attrs.Attribute[Any], object], None]:
     """
     A validator for an integer (not a boolean) of at least C{low}.
@@ -1291,6 +1301,10 @@ class ProxyConfig:
         reloads).
     @ivar expiry_warning_days: Certificates and CRLs that expire within this
         many days are logged as warnings at start-up, on reload and daily.
+    @ivar workers: How many worker processes serve the listeners (an
+        integer from 1 to 256, or C{"auto"} for one per CPU core); 1 runs
+        everything in the twistd process itself (see
+        C{docs/performance.md} and L{mtlsproxy.workers}).
     """
 
     path: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -1326,6 +1340,7 @@ class ProxyConfig:
     expiry_warning_days: int = attrs.field(
         default=30, validator=_integer(0, 3650), metadata=_key()
     )
+    workers: int | str = attrs.field(default=1, validator=_workersValue, metadata=_key())
 
     def __attrs_post_init__(self) -> None:
         """

@@ -22,6 +22,13 @@ explicit phases (L{Phase}):
     its pending data is flushed (C{loseConnection}).
   - C{CLOSED}: both sides are gone; the one access event has been emitted.
 
+The listener's limits (L{mtlsproxy.limits}) bound each phase: a connection
+over C{max_connections} is aborted before C{HANDSHAKING}
+(C{close_reason="max_connections"}); C{HANDSHAKING} ends at the
+C{handshake_timeout} deadline from accept (C{"handshake_timeout"});
+C{RELAYING} ends after C{idle_timeout} without a byte either way
+(C{"idle_timeout"}); and C{CLOSING} is aborted if it lasts C{idle_timeout}.
+
 Access events go to the C{mtlsproxy.access} logger namespace and carry
 C{log_category="access"} (see L{ACCESS_LOG_FORMAT} for the fields).
 """

@@ -9,10 +9,11 @@ L{mtlsproxy.checks.LoadedConfiguration}.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -37,25 +38,45 @@ class ListenerService(Service):
         listenerConfig: Any,
         factory: Any,
         gate: Optional[ConnectionGate] = None,
+        inherited: Any = None,
     ) -> None:
         """
         @param gate: The listener's C{max_connections} counter
             (L{mtlsproxy.limits.ConnectionGate}), given the port once
             listening so that it can pause accepting; or L{None}.
+        @param inherited: In a worker process, the listening socket the
+            supervisor opened (L{mtlsproxy.workers.InheritedListener}),
+            adopted instead of listening on the endpoint; or L{None}.
         """
         self._reactor = reactor
         self.listenerConfig = listenerConfig
         self.factory = factory
         self.gate = gate
+        self.inherited = inherited
         self.setName(f"listener:{listenerConfig.name}")
         self.port: Optional[IListeningPort] = None
         self._listening: Optional[Deferred[Any]] = None
 
     def startService(self) -> None:
         Service.startService(self)
-        endpoint = serverFromString(self._reactor, self.listenerConfig.endpoint)
-        self._listening = endpoint.listen(self.factory)
+        if self.inherited is not None:
+            self._listening = maybeDeferred(self._adopt)
+        else:
+            endpoint = serverFromString(self._reactor, self.listenerConfig.endpoint)
+            self._listening = endpoint.listen(self.factory)
         self._listening.addCallbacks(self._listened, self._failed)
+
+    def _adopt(self) -> IListeningPort:
+        """
+        Accept on the socket inherited from the supervisor (Twisted adopts a
+        duplicate of it; ours is closed).
+        """
+        assert self.inherited is not None
+        port = self._reactor.adoptStreamPort(
+            self.inherited.fd, self.inherited.addressFamily, self.factory
+        )
+        os.close(self.inherited.fd)
+        return port  # type: ignore[no-any-return]
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -126,10 +147,24 @@ class ProxyService(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, loaded: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        loaded: Any,
+        inherited: Optional[dict[str, Any]] = None,
+        workerIndex: Optional[int] = None,
+    ) -> None:
+        """
+        @param inherited: In a worker process (L{mtlsproxy.workers}): the
+            listening sockets from the supervisor by listener name.
+        @param workerIndex: In a worker process, its index: only worker 0
+            serves the status endpoint and the admin console.
+        """
         MultiService.__init__(self)
         self._reactor = reactor
         self.loaded = loaded
+        self.inherited = dict(inherited or {})
+        self.workerIndex = workerIndex
         config = loaded.config
         # Operations (docs/operations.md): metrics, live connections, drain.
         self.metrics = ProxyMetrics()
@@ -160,7 +195,11 @@ class ProxyService(MultiService):
         for listenerConfig in config.listeners:
             factory = self._factoryFor(listenerConfig)
             listener = ListenerService(
-                reactor, listenerConfig, factory, gate=self._gateFor(listenerConfig)
+                reactor,
+                listenerConfig,
+                factory,
+                gate=self._gateFor(listenerConfig),
+                inherited=self.inherited.get(listenerConfig.name),
             )
             listener.setServiceParent(self)
             self.listeners[listenerConfig.name] = listener
@@ -298,13 +337,13 @@ class ProxyService(MultiService):
         for warning in warnings:
             self.log.warn("Configuration warning: {text}", text=warning)
         self.statusService: Optional[StatusService] = None
-        if config.status is not None:
+        if config.status is not None and not self.workerIndex:
             self.statusService = StatusService(
                 self._reactor, self, self.metrics.registry, config.status, self.statusMaterial
             )
             self.statusService.setServiceParent(self)
         self.adminService: Any = None
-        if config.admin is not None:
+        if config.admin is not None and not self.workerIndex:
             from .admin import AdminService
 
             self.adminService = AdminService(self._reactor, self, config.admin, config.path)

@@ -37,6 +37,9 @@ class Options(usage.Options):
             'Log format, "text" or "json" (one JSON object per line); default the'
             " configuration's [logging] format, else text.",
         ],
+        ["worker", None, None, "(internal) Run as worker process N of a supervisor (workers > 1)."],
+        ["supervisor", None, None, "(internal) The supervisor's process id, with --worker."],
+        ["inherit", None, None, "(internal) The listening sockets a worker inherits, with --worker."],
     ]
 
     def postOptions(self) -> None:
@@ -46,6 +49,15 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f'--log-format must be "text" or "json", not {self["log-format"]!r}'
             )
+        if self["worker"] is not None:
+            from .workers import decodeInherited
+
+            try:
+                self["worker"] = int(self["worker"])
+                self["supervisor"] = int(self["supervisor"])
+                self["inherit"] = decodeInherited(self["inherit"] or "")
+            except (TypeError, ValueError) as e:
+                raise usage.UsageError(f"--worker needs --supervisor PID and --inherit: {e}")
         # Choose twistd's log observer once the configuration is read (see
         # mtlsproxy.logs), unless twistd was told where to log otherwise.
         twistdOptions = getattr(self, "parent", None)
@@ -56,6 +68,32 @@ class Options(usage.Options):
 
             twistdLogger.attach(self, twistdOptions)
             twistdOptions["logger"] = "mtlsproxy.logs.twistdLogger"
+
+
+def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
+    """
+    With C{workers} more than 1 (and not a worker ourselves), the
+    L{mtlsproxy.workers.WorkerSupervisor} that runs the workers; otherwise
+    L{None}: this process serves the listeners.
+    """
+    from functools import partial
+
+    from .workers import WorkerSupervisor, exitWithParent, workerArguments, workerCount
+
+    if options["worker"] is not None:
+        exitWithParent()
+        return None
+    config = loaded.config
+    count = workerCount(config.workers)
+    if count <= 1:
+        return None
+    return WorkerSupervisor(
+        reactor,
+        [(listener.name, listener.endpoint) for listener in config.listeners],
+        count,
+        partial(workerArguments, getattr(options, "parent", None), options),
+        drainTimeout=config.drain_timeout,
+    )
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -76,9 +114,20 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     try:
         config = loadConfig(options["config"])
         loaded = checkConfiguration(config, datetime.now(timezone.utc))
-        # The status endpoint's material and the admin console's key files
-        # are read here too.
-        service = ProxyService(reactor, loaded)
+        service = _workersService(options, reactor, loaded)
+        if service is None:
+            # The status endpoint's material and the admin console's key files
+            # are read here too.
+            service = ProxyService(
+                reactor,
+                loaded,
+                inherited=options["worker"] is not None and options["inherit"] or None,
+                workerIndex=options["worker"],
+            )
+            if options["worker"] is not None:
+                from .workers import ParentWatcher
+
+                ParentWatcher(reactor, options["supervisor"]).setServiceParent(service)
     except ConfigurationError as e:
         sys.stderr.write(f"mtlsproxy: configuration error: {e}\n")
         sys.stderr.flush()

@@ -444,10 +444,33 @@ def peerIdentity(connectionOrTransport: object) -> ClientIdentity | None:
     connection = _connectionOf(connectionOrTransport)
     if connection is None:
         return None
-    certificate = connection.get_peer_certificate(as_cryptography=True)
+    certificate = connection.get_peer_certificate()
     if certificate is None:
         return None
-    return ClientIdentity.fromCertificate(certificate)
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, certificate)
+    identity = _recentIdentities.get(der)
+    if identity is None:
+        identity = ClientIdentity.fromCertificate(x509.load_der_x509_certificate(der))
+        if len(_recentIdentities) >= _RECENT_IDENTITIES:
+            del _recentIdentities[next(iter(_recentIdentities))]
+        _recentIdentities[der] = identity
+    return identity
+
+
+_RECENT_IDENTITIES: Final = 256
+"""
+How many client certificates L{peerIdentity} remembers the identity of.
+"""
+
+_recentIdentities: dict[bytes, ClientIdentity] = {}
+"""
+The identities of recently seen client certificates by their DER encoding,
+oldest first: clients reconnect with the same certificate, and describing
+one (names, fingerprint) costs more than the rest of a connection's
+bookkeeping.  The key is the whole certificate, so an entry is only ever
+used for the very same certificate, which OpenSSL has verified again for
+the connection at hand.
+"""
 
 
 # ---------------------------------------------------------------------------

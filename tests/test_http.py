@@ -637,6 +637,34 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(h.clientTransport.disconnecting)
         self.assertEqual(self.access()[0]["close_reason"], Outcome.BACKEND_CLOSED)
 
+    def test_continueForwarded(self) -> None:
+        """
+        When the client expects C{100-continue}, the backend's
+        C{100 Continue} reaches it before the final response.
+        """
+        h = HTTPHarness()
+        h.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        backend = h.connectBackend()
+        self.assertEqual(headerValue(backend.events()[0].headers, b"expect"), b"100-continue")
+        backend.protocol.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertTrue(h.clientTransport.value().startswith(b"HTTP/1.1 100 Continue\r\n"))
+        h.send(b"ok")
+        self.assertEqual(_body(backend.events()), b"ok")
+        backend.respond(201, b"")
+        self.assertIn(b"HTTP/1.1 201 ", h.clientTransport.value())
+
+    def test_upgradeResponseRefused(self) -> None:
+        """
+        When a backend switches protocols although the proxy removed
+        C{Upgrade}, the client gets a 502.
+        """
+        h = HTTPHarness()
+        h.request(extra=b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
+        backend = h.connectBackend()
+        self.assertIsNone(headerValue(backend.events()[0].headers, b"upgrade"))
+        backend.protocol.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        self.assertEqual(_statuses(h.responses()), [502])
+
     def test_chunkedRequestStreamed(self) -> None:
         """
         When a client sends a chunked body, the backend receives each chunk

@@ -762,6 +762,7 @@ class ProxyProtocolTests(_Base, SynchronousTestCase):
         sniRoutes = '\n[[listeners.routes]]\nsni = "a.example.com"\npool = "a"\n'
         config = (
             listener("pp", "tls", "v2", self.pki.directory)
+            + listener("pppass", "tls", "v2", self.pki.directory, clientAuth="passthrough")
             + listener("sni", "tls", "default", self.pki.directory, routes=sniRoutes)
             + listener("lb", "https", "app", self.pki.directory,
                        'accept_proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]')

@@ -411,15 +411,29 @@ class AdminConsoleTests(SynchronousTestCase):
             self.ssh(self.key, tty=True), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        assert process.stdin is not None
-        time.sleep(1.0)
+        assert process.stdin is not None and process.stdout is not None
+        received = bytearray()
+        stdout = process.stdout
+
+        def read() -> None:
+            while chunk := stdout.read1(4096):
+                received.extend(chunk)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+
+        def plainText() -> bytes:
+            return re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[c78=>EM]", b"", bytes(received))
+
+        self.assertTrue(waitFor(lambda: b"help() lists the commands" in plainText(), 20), received)
         process.stdin.write(b"len(pools)\r")
         process.stdin.flush()
-        time.sleep(1.0)
+        self.assertTrue(waitFor(lambda: b"\r\n1\r\n" in plainText(), 20), received)
         process.stdin.write(b"\x04")
         process.stdin.flush()
-        output, _ = process.communicate(timeout=20)
-        plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[c78=>EM]", b"", output)
+        process.wait(timeout=20)
+        reader.join(10)
+        plain = plainText()
         self.assertIn(b"mtlsproxy admin console", plain)
         self.assertRegex(plain, rb"len\(pools\)\r\n1\r\n")
         hostKey = os.path.join(self.dir, "admin_host_key")

@@ -1,0 +1,484 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+Worker processes: C{workers = N} in the configuration runs the proxy in N
+processes that share the listening sockets, so that all cores are used.
+
+With C{workers = 1} (the default) nothing here is used: the twistd process
+serves the listeners itself, as it always did.
+
+With more, the twistd process becomes a supervisor (L{WorkerSupervisor}):
+
+  - it checks the configuration, opens every proxy listener's socket (so a
+    bad or busy endpoint fails at start-up, and privileged ports work), but
+    never accepts on them;
+  - it starts N workers, each C{twistd -n mtlsproxy --config FILE --worker I
+    --inherit ...} with the listening sockets passed down as file
+    descriptors (L{InheritedListener}); a worker adopts them
+    (C{reactor.adoptStreamPort}) instead of listening, and the kernel
+    spreads new connections over the workers accepting on them;
+  - it forwards C{SIGHUP} (reload) to every worker, and on C{SIGTERM} /
+    C{SIGINT} (its own shutdown) sends C{SIGTERM} to every worker, each of
+    which drains its connections as a single process does
+    (C{drain_timeout}), and exits when they all have (C{SIGKILL} for any
+    left after C{drain_timeout} plus a grace period);
+  - it starts a worker again if one dies (after a delay that grows when a
+    worker keeps dying);
+  - a worker exits when the supervisor dies: Linux C{PR_SET_PDEATHSIG}
+    (L{exitWithParent}), and, where that is missing, a check every second
+    that its parent is still the supervisor.
+
+Every worker runs the whole proxy (pools, health checks, reloads, logs);
+worker 0 alone also serves the C{[status]} endpoint and the C{[admin]}
+console, whose figures are then worker 0's own (see
+C{docs/performance.md}, "Worker processes", for metrics across workers).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = [
+    "InheritedListener",
+    "WorkerSupervisor",
+    "encodeInherited",
+    "decodeInherited",
+    "exitWithParent",
+    "workerArguments",
+    "workerCount",
+]
+
+log = Logger()
+
+_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+
+
+def workerCount(setting: int | str, cpuCount: Optional[int] = None) -> int:
+    """
+    How many processes C{workers = setting} asks for.
+
+    @param setting: The configuration value: an integer, or C{"auto"} for
+        one per CPU core.
+    @param cpuCount: The number of cores, for tests; L{os.cpu_count} if
+        L{None}.
+    """
+    if setting == "auto":
+        count = cpuCount if cpuCount is not None else os.cpu_count()
+        return max(1, count or 1)
+    return int(setting)
+
+
+@attrs.frozen
+class InheritedListener:
+    """
+    A listening socket a worker received from its supervisor.
+
+    @ivar fd: The file descriptor number in the worker.
+    @ivar family: The address family, C{"INET"}, C{"INET6"} or C{"UNIX"}.
+    """
+
+    fd: int
+    family: str
+
+    @property
+    def addressFamily(self) -> int:
+        """
+        The L{socket} module's constant for L{family}.
+        """
+        return _FAMILIES[self.family]
+
+
+def encodeInherited(listeners: dict[str, InheritedListener]) -> str:
+    """
+    The C{--inherit} option's value for a worker: JSON, listener name to
+    C{[fd, family]}.
+    """
+    return json.dumps({name: [item.fd, item.family] for name, item in listeners.items()}, sort_keys=True)
+
+
+def decodeInherited(text: str) -> dict[str, InheritedListener]:
+    """
+    Read an C{--inherit} value (see L{encodeInherited}).
+
+    @raise ValueError: If C{text} is not what L{encodeInherited} writes.
+    """
+    try:
+        raw = json.loads(text)
+        result = {}
+        for name, (fd, family) in raw.items():
+            if not isinstance(name, str) or not isinstance(fd, int) or family not in _FAMILIES:
+                raise ValueError(name)
+            result[name] = InheritedListener(fd, family)
+        return result
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"not a valid --inherit value: {text!r}") from e
+
+
+def _familyOf(port: IListeningPort) -> str:
+    address = port.getHost()
+    kind = type(address).__name__
+    if kind == "IPv6Address":
+        return "INET6"
+    if kind == "UNIXAddress":
+        return "UNIX"
+    return "INET"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def exitWithParent(sig: int = signal.SIGTERM) -> bool:
+    """
+    Ask Linux to send C{sig} to this process when its parent exits
+    (C{prctl(PR_SET_PDEATHSIG)}).
+
+    @return: Whether that worked; where it does not (not Linux), a worker
+        watches its parent with L{ParentWatcher}.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class ParentWatcher(Service):
+    """
+    In a worker: stop the reactor once the supervisor is gone (the parent
+    process id changed), whether or not L{exitWithParent} worked, and at
+    once if it was gone before this worker could ask to be told.
+    """
+
+    def __init__(self, reactor: Any, supervisorPid: int, interval: float = 1.0) -> None:
+        self._reactor = reactor
+        self.supervisorPid = supervisorPid
+        self._call = LoopingCall(self._check)
+        self._call.clock = reactor
+        self._interval = interval
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._call.start(self._interval, now=True)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        if self._call.running:
+            self._call.stop()
+        return None
+
+    def _check(self) -> None:
+        if os.getppid() != self.supervisorPid:
+            log.warn("Supervisor {pid} is gone; this worker stops", pid=self.supervisorPid)
+            self._call.stop()
+            if self._reactor.running:
+                self._reactor.stop()
+
+
+def workerArguments(
+    twistdOptions: Any,
+    pluginOptions: Any,
+    index: int,
+    inherited: dict[str, InheritedListener],
+    supervisorPid: int,
+) -> list[str]:
+    """
+    The command line of worker C{index}: this Python running twistd in the
+    foreground, with the supervisor's logging options, and the plugin's
+    options plus C{--worker}, C{--supervisor} and C{--inherit}.
+
+    @param twistdOptions: twistd's own options (C{ServerOptions}), or
+        L{None}.
+    @param pluginOptions: The C{mtlsproxy} plugin's options.
+    """
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+    if twistdOptions is not None:
+        if twistdOptions.get("logfile"):
+            argv += ["--logfile", twistdOptions["logfile"]]
+        logger = twistdOptions.get("logger")
+        if isinstance(logger, str) and logger and not logger.startswith("mtlsproxy.logs."):
+            argv += ["--logger", logger]
+        if twistdOptions.get("syslog"):
+            argv += ["--syslog", "--prefix", twistdOptions.get("prefix") or "twisted"]
+        if twistdOptions.get("reactor"):
+            argv += ["--reactor", twistdOptions["reactor"]]
+    argv += ["mtlsproxy", "--config", pluginOptions["config"]]
+    if pluginOptions.get("log-format"):
+        argv += ["--log-format", pluginOptions["log-format"]]
+    argv += [
+        "--worker",
+        str(index),
+        "--supervisor",
+        str(supervisorPid),
+        "--inherit",
+        encodeInherited(inherited),
+    ]
+    return argv
+
+
+class _NoAccept(Factory):
+    """
+    The supervisor's factory for the sockets it opens: it never accepts
+    (reading is stopped at once), so this never builds anything.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
+        return None
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """
+    Tells the supervisor when its worker ends.
+    """
+
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.supervisor._workerEnded(self, reason)
+        self.ended.callback(None)
+
+
+@attrs.define
+class WorkerState:
+    """
+    Run-time facts about one worker, for logs and status.
+
+    @ivar index: 0 to N - 1.
+    @ivar pid: The process id of the current process, or L{None}.
+    @ivar starts: How many times it was started.
+    @ivar startedAt: When the current process was started (reactor time).
+    """
+
+    index: int
+    pid: Optional[int] = None
+    starts: int = 0
+    startedAt: float = 0.0
+
+
+class WorkerSupervisor(Service):
+    """
+    The twistd process's service when C{workers} is more than 1: opens the
+    listening sockets, runs the workers, forwards signals (see the module
+    docstring).
+
+    @ivar workers: A L{WorkerState} per worker.
+    @ivar inherited: The listening sockets by listener name, once open.
+    """
+
+    log = Logger()
+
+    restartDelay = 1.0
+    """Seconds before a worker that died is started again; doubled (up to
+    L{maxRestartDelay}) while workers die within L{stableAfter} seconds."""
+
+    maxRestartDelay = 30.0
+    stableAfter = 10.0
+
+    killGrace = 5.0
+    """Seconds, after C{drainTimeout}, before workers still running at
+    shutdown are killed."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoints: Sequence[tuple[str, str]],
+        count: int,
+        arguments: Callable[[int, dict[str, InheritedListener], int], list[str]],
+        drainTimeout: float,
+        environment: Optional[dict[str, str]] = None,
+        installSignalHandlers: bool = True,
+        listen: Optional[Callable[[str, Factory], Deferred[Any]]] = None,
+    ) -> None:
+        """
+        @param endpoints: (listener name, endpoint description) of every
+            listener the workers serve.
+        @param count: How many workers.
+        @param arguments: Makes a worker's command line from its index, the
+            inherited sockets and the supervisor's pid
+            (L{workerArguments}, partially applied).
+        @param drainTimeout: The configuration's C{drain_timeout}.
+        @param environment: The workers' environment; this process's if
+            L{None}.
+        @param installSignalHandlers: Forward C{SIGHUP}; off for tests.
+        @param listen: Opens an endpoint description with a factory; by
+            default C{serverFromString(reactor, description).listen}.
+        """
+        self._reactor = reactor
+        self.endpoints = list(endpoints)
+        self.count = count
+        self._arguments = arguments
+        self.drainTimeout = drainTimeout
+        self._environment = environment
+        self._installSignalHandlers = installSignalHandlers
+        self.setName("workers")
+        self.workers = [WorkerState(i) for i in range(count)]
+        self.inherited: dict[str, InheritedListener] = {}
+        self.ports: dict[str, IListeningPort] = {}
+        self._processes: dict[int, Any] = {}
+        self._protocols: dict[int, _WorkerProtocol] = {}
+        self._stopping = False
+        self._delay = self.restartDelay
+        self._pending: dict[int, Any] = {}
+        self._previousHUP: Any = None
+        self._listen = listen or (lambda description, factory: serverFromString(reactor, description).listen(factory))
+
+    # -- start
+
+    def startService(self) -> None:
+        Service.startService(self)
+        opened = [self._open(name, description) for name, description in self.endpoints]
+        DeferredList(opened, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            lambda _: self._startAll(), self._openFailed
+        ).addErrback(self._openFailed)
+        if self._installSignalHandlers:
+            self._previousHUP = signal.signal(signal.SIGHUP, self._onHUP)
+
+    def _open(self, name: str, description: str) -> Deferred[Any]:
+        d = self._listen(description, _NoAccept())
+
+        def opened(port: IListeningPort) -> None:
+            # The supervisor never accepts: only the workers do.
+            port.stopReading()  # type: ignore[attr-defined]
+            self.ports[name] = port
+            self.inherited[name] = InheritedListener(port.fileno(), _familyOf(port))  # type: ignore[attr-defined]
+            self.log.info(
+                "Listener {listener} open on {address} for {count} workers",
+                listener=name,
+                address=port.getHost(),
+                count=self.count,
+            )
+
+        return d.addCallback(opened)
+
+    def _openFailed(self, failure: Failure) -> None:
+        """
+        A listener could not be opened, or the workers not started: stop, as
+        a single process does when it cannot listen.
+        """
+        reason = getattr(failure.value, "subFailure", None) or failure
+        self.log.failure("Could not start the workers", reason)
+        if self._reactor.running:
+            self._reactor.stop()
+        else:
+            self._reactor.callWhenRunning(self._reactor.stop)
+
+    def _startAll(self) -> None:
+        for state in self.workers:
+            self._start(state.index)
+
+    def _start(self, index: int) -> None:
+        self._pending.pop(index, None)
+        if self._stopping:
+            return
+        state = self.workers[index]
+        argv = self._arguments(index, self.inherited, os.getpid())
+        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        for item in self.inherited.values():
+            childFDs[item.fd] = item.fd
+        protocol = _WorkerProtocol(self, index)
+        process = self._reactor.spawnProcess(
+            protocol,
+            argv[0],
+            argv,
+            env=self._environment if self._environment is not None else os.environ,
+            childFDs=childFDs,
+        )
+        self._processes[index] = process
+        self._protocols[index] = protocol
+        state.pid = process.pid
+        state.starts += 1
+        state.startedAt = self._reactor.seconds()
+        self.log.info("Worker {index} started, pid {pid}", index=index, pid=process.pid)
+
+    # -- events
+
+    def _workerEnded(self, protocol: _WorkerProtocol, reason: Failure) -> None:
+        index = protocol.index
+        state = self.workers[index]
+        self._processes.pop(index, None)
+        pid, state.pid = state.pid, None
+        if self._stopping:
+            self.log.info("Worker {index} (pid {pid}) stopped", index=index, pid=pid)
+            return
+        lived = self._reactor.seconds() - state.startedAt
+        if lived >= self.stableAfter:
+            self._delay = self.restartDelay
+        else:
+            self._delay = min(self._delay * 2, self.maxRestartDelay)
+        how = "exited" if reason.check(ProcessDone, ProcessTerminated) else "ended"
+        self.log.warn(
+            "Worker {index} (pid {pid}) {how}: {reason}; starting it again in {delay}s",
+            index=index,
+            pid=pid,
+            how=how,
+            reason=reason.getErrorMessage(),
+            delay=self._delay,
+        )
+        self._pending[index] = self._reactor.callLater(self._delay, self._start, index)
+
+    def _onHUP(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.signalWorkers, signal.SIGHUP)
+
+    def signalWorkers(self, sig: int) -> None:
+        """
+        Send C{sig} to every running worker.
+        """
+        for index, process in list(self._processes.items()):
+            try:
+                process.signalProcess(sig)
+            except Exception as e:  # ProcessExitedAlready, OSError
+                self.log.debug("Worker {index}: signal {sig}: {error}", index=index, sig=sig, error=e)
+
+    # -- stop
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Stop every worker (C{SIGTERM}: each drains its connections for up
+        to C{drain_timeout} seconds), then close the listening sockets.
+
+        @return: Fires once every worker has exited.
+        """
+        Service.stopService(self)
+        self._stopping = True
+        if self._installSignalHandlers and self._previousHUP is not None:
+            signal.signal(signal.SIGHUP, self._previousHUP)
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        ended = [protocol.ended for index, protocol in self._protocols.items() if index in self._processes]
+        self.signalWorkers(signal.SIGTERM)
+        killer = self._reactor.callLater(self.drainTimeout + self.killGrace, self.signalWorkers, signal.SIGKILL)
+        d: Deferred[Any] = DeferredList(ended, consumeErrors=True) if ended else succeed(None)
+
+        def closePorts(_: object) -> Deferred[Any]:
+            if killer.active():
+                killer.cancel()
+            closing = [port.stopListening() for port in self.ports.values()]
+            self.ports.clear()
+            return DeferredList([c for c in closing if c is not None], consumeErrors=True)
+
+        return d.addCallback(closePorts)
