@@ -58,6 +58,7 @@ from .limits import ConnectionGate, IdleTimer, Timeouts
 from .metrics import NO_METRICS, ListenerMetrics
 from .pool import ConnectionFacts, Member, Pool
 from .routing import ConnectionRouter, RouteTarget
+from .tlsproto import writeNow
 from .verify import peerIdentity, rejectionReason
 
 __all__ = [
@@ -889,7 +890,7 @@ class ProxyServerProtocol(Protocol):
         if self._idle is not None:
             self._idle.touch()
         self.factory.metrics.toClient(len(data))
-        self.transport.write(data)
+        writeNow(self.transport, data)
 
     def _backendEOF(self, backend: BackendProtocol) -> None:
         """
@@ -936,7 +937,7 @@ class ProxyServerProtocol(Protocol):
         if self._idle is not None:
             self._idle.touch()
         self.factory.metrics.fromClient(len(data))
-        self._backend.transport.write(data)
+        writeNow(self._backend.transport, data)
 
     def _stopBackendFeedingClient(self) -> None:
         """

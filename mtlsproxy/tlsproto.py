@@ -51,6 +51,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
+from twisted.internet.tcp import Connection as _TCPConnection
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -67,6 +68,7 @@ __all__ = [
     "HandshakeFailureHandler",
     "TLS13",
     "RECORD_BATCH_SIZE",
+    "writeNow",
 ]
 
 TLS13 = "TLSv1.3"
@@ -82,6 +84,21 @@ the TLS protocol (its C{getHandle()} is still usable) and the reason.
 """
 
 RECORD_BATCH_SIZE = 2**18
+
+RELEASE_AFTER = 2**14
+"""
+After its handshake, and L{RELEASE_DELAY} seconds after a chunk at least
+this large went through them, a connection's memory BIOs are replaced by
+empty ones (L{_BatchIO.releaseBuffers}), so that a connection that goes idle
+does not keep the memory its largest chunk needed.
+"""
+
+RELEASE_DELAY = 1.0
+"""
+Seconds between a large chunk and giving the BIOs' memory back: at most
+once per second per busy connection (regrowing them right away for every
+chunk of a bulk transfer would cost more than it saves).
+"""
 """
 Most bytes moved between OpenSSL and Python in one go: decrypted records are
 read until this many bytes or no complete record is left, and delivered to
@@ -162,6 +179,39 @@ class _BatchIO:
             size += len(chunk)
         return (b"".join(chunks), problem)
 
+    def releaseBuffers(self, connection: Connection) -> bool:
+        """
+        Give the connection new, empty memory BIOs if both are drained.
+
+        A memory BIO's buffer grows to the most it ever held and is never
+        given back: a connection that once moved a large chunk, or that
+        just took a handshake's certificate chain, would keep that much
+        memory for as long as it stays open.  Replacing the BIOs
+        (C{SSL_set_bio} frees the old ones) costs two allocations.
+
+        @return: Whether the BIOs were replaced.
+        """
+        if not self.available:
+            return False
+        ssl = getattr(connection, "_ssl", None)
+        into = getattr(connection, "_into_ssl", None)
+        out = getattr(connection, "_from_ssl", None)
+        if ssl is None or into is None or out is None:
+            return False
+        if _lib.BIO_get_mem_data(into, _ffi.NULL) or _lib.BIO_get_mem_data(out, _ffi.NULL):
+            return False
+        newInto = _lib.BIO_new(_lib.BIO_s_mem())
+        newOut = _lib.BIO_new(_lib.BIO_s_mem())
+        if newInto == _ffi.NULL or newOut == _ffi.NULL:
+            for bio in (newInto, newOut):
+                if bio != _ffi.NULL:
+                    _lib.BIO_free(bio)
+            return False
+        _lib.SSL_set_bio(ssl, newInto, newOut)
+        connection._into_ssl = newInto
+        connection._from_ssl = newOut
+        return True
+
     def readSent(self, connection: Connection) -> list[bytes]:
         """
         Take everything OpenSSL has written to the send BIO.
@@ -190,6 +240,45 @@ class _BatchIO:
 
 
 _batchIO = _BatchIO()
+
+
+def writeNow(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to a transport, sending at once what the socket takes when
+    nothing is waiting in the transport's buffer.
+
+    A Twisted TCP transport's C{write} only buffers: the bytes are sent from
+    the next reactor iteration, after registering for writability (and
+    unregistering once sent), and bytes that keep arriving are copied into
+    an ever-growing buffer before being sent.  For a relay, where each read
+    on one side is one write on the other, sending straight away saves the
+    extra iteration (latency), two C{epoll_ctl} calls and the copies.
+    Whatever the socket does not take, and any write to another kind of
+    transport (TLS, a test transport) or to a transport with buffered data,
+    half-closed or closing, goes through its C{write} as usual: order,
+    flow control (the producer is paused by C{write} when its buffer fills)
+    and error handling stay Twisted's.
+    """
+    if (
+        isinstance(transport, _TCPConnection)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataBuffer
+        and len(transport.dataBuffer) == transport.offset
+        and not getattr(transport, "TLS", False)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # EAGAIN, or an error that Twisted's write path will meet and
+            # report in its usual way.
+            sent = 0
+        if sent >= len(data):
+            return
+        if sent:
+            data = data[sent:]
+    transport.write(data)
 
 
 _lastInterfaceByType: dict[type, Any] = {}
@@ -272,7 +361,34 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         """
         if self._peerClosedWrite:
             return
+        handshaking = not self._handshakeDone
         super().dataReceived(data)
+        if handshaking and self._handshakeDone:
+            self._releaseBuffers()
+        elif len(data) >= RELEASE_AFTER:
+            self._releaseBuffersSoon()
+
+    _releaseCall: Any = None
+
+    def _releaseBuffersSoon(self) -> None:
+        """
+        Release the BIOs' memory in L{RELEASE_DELAY} seconds, unless that is
+        already planned.
+        """
+        if self._releaseCall is None:
+            clock = getattr(self.factory, "_clock", None)
+            if clock is None:
+                self._releaseBuffers()
+            else:
+                self._releaseCall = clock.callLater(RELEASE_DELAY, self._releaseBuffers)
+
+    def _releaseBuffers(self) -> None:
+        """
+        Give the memory BIOs' buffers back (L{_BatchIO.releaseBuffers}).
+        """
+        self._releaseCall = None
+        if self._tlsConnection is not None and not self._lostTLSConnection:
+            _batchIO.releaseBuffers(self._tlsConnection)
 
     def _flushReceiveBIO(self) -> None:
         """
@@ -309,16 +425,15 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         """
         chunks = _batchIO.readSent(self._tlsConnection)
         if len(chunks) == 1:
-            self.transport.write(chunks[0])
+            writeNow(self.transport, chunks[0])
         elif chunks:
-            self.transport.writeSequence(chunks)
+            writeNow(self.transport, b"".join(chunks))
 
     def _write(self, data: bytes) -> None:  # type: ignore[override]
         """
-        Encrypt C{data} and send it, as L{TLSMemoryBIOProtocol} does, but in
-        one C{SSL_write} (OpenSSL cuts it into records; the memory BIO takes
-        them all) and one write to the TCP transport, rather than one of each
-        per 16 KiB.
+        Encrypt C{data} and send it, as L{TLSMemoryBIOProtocol} does, but
+        with one write to the TCP transport for all of it rather than one
+        per 16 KiB record.
         """
         if self._lostTLSConnection or not data:
             return
@@ -337,6 +452,8 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
             self._tlsShutdownFinished(Failure())
             return
         self._flushSendBIO()
+        if len(data) >= RELEASE_AFTER:
+            self._releaseBuffersSoon()
 
     def _peerSentCloseNotify(self) -> bool:
         """
@@ -499,6 +616,9 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
             self._tlsConnection.bio_shutdown()
             self._flushReceiveBIO()
             self._lostTLSConnection = True
+        if self._releaseCall is not None:
+            self._releaseCall.cancel()
+            self._releaseCall = None
         if not self._handshakeDone and not self._handshakeFailureReported:
             self._handshakeFailureReported = True
             self.handshakeFailed(self._reason or reason)

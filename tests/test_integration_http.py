@@ -38,7 +38,7 @@ from twisted.internet.address import IPv4Address
 
 from OpenSSL import SSL
 
-from .harness import DemoPKI, EchoBackend, ProxyProcess, clientContext
+from .harness import DemoPKI, EchoBackend, ProxyProcess, clientContext, waitFor
 
 BLOCK = os.urandom(1 << 20)
 
@@ -418,7 +418,11 @@ pool = "api"
             self.assertEqual(response.status, 200)
             self.assertEqual(json.loads(response.read())["path"], path)
         self.assertEqual(self.web.connections, 1)
-        ports = re.findall(r'web 127\.0\.0\.1:(\d+) "GET /echo\?\d HTTP/1\.1" 200', self.proxy.log())
+        # The response can reach us before the proxy has written its access
+        # line (it sends before it logs): wait for both lines.
+        pattern = r'web 127\.0\.0\.1:(\d+) "GET /echo\?\d HTTP/1\.1" 200'
+        waitFor(lambda: len(re.findall(pattern, self.proxy.log())) >= 2)
+        ports = re.findall(pattern, self.proxy.log())
         self.assertEqual(len(ports), 2)
         self.assertEqual(ports[0], ports[1])
 
