@@ -131,7 +131,7 @@ class _BatchIO:
             and hasattr(Connection, "_raise_ssl_error")
             and hasattr(Connection, "_handle_bio_errors")
         )
-        self.buffer = _ffi.new("char[]", RECORD_BATCH_SIZE) if self.available else None
+        self.buffer: Any = _ffi.new("char[]", RECORD_BATCH_SIZE) if self.available else None
 
     def readRecords(self, connection: Connection) -> tuple[bytes, Optional[Error]]:
         """
@@ -474,7 +474,7 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         ):
             return False
         self._peerClosedWrite = True
-        self.wrappedProtocol.readConnectionLost()
+        self.wrappedProtocol.readConnectionLost()  # type: ignore[attr-defined]
         return True
 
     def readConnectionLost(self) -> None:
