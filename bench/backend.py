@@ -165,6 +165,9 @@ async def serve(ports: dict[str, int], lifetime: float) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """
+    Serve the three backends until standard input closes.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--echo", type=int, default=0)
     parser.add_argument("--sink", type=int, default=0)

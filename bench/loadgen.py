@@ -362,6 +362,9 @@ class _HandshakeRunner:
 
 
 def runHandshakes(job: dict[str, Any]) -> dict[str, Any]:
+    """
+    The C{handshakes} job (see the module docstring).
+    """
     return _HandshakeRunner(job, hold=False).run(job)
 
 

@@ -14,6 +14,9 @@ import sys
 
 
 def summarise(path: str, top: int = 25) -> str:
+    """
+    The self and inclusive shares of the C{top} busiest functions of a collapsed-stack profile.
+    """
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0

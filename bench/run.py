@@ -87,6 +87,9 @@ TARGETS = {
 
 
 def log(message: str) -> None:
+    """
+    Print a progress line, with the time, on standard error.
+    """
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
@@ -106,6 +109,9 @@ def freePorts(count: int) -> list[int]:
 
 
 def waitForPorts(ports: list[int], process: subprocess.Popen[Any], timeout: float = 20.0) -> None:
+    """
+    Wait until something accepts TCP connections on every port, or fail.
+    """
     deadline = time.monotonic() + timeout
     for port in ports:
         while True:
@@ -186,10 +192,16 @@ def memoryKiB(pid: int) -> float:
 
 
 def loadAverage() -> list[float]:
+    """
+    The 1, 5 and 15 minute load averages.
+    """
     return list(os.getloadavg())
 
 
 def run(argv: list[str], timeout: float = 30.0) -> str:
+    """
+    The output (standard output and error) of a short command, or why it failed.
+    """
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         return done.stdout + done.stderr
@@ -257,7 +269,8 @@ def makePKI(directory: str, keyType: str) -> dict[str, str]:
 LISTENERS = ("echo", "sink", "source")
 
 
-def mtlsproxyConfig(paths: dict[str, str], routes: dict[str, tuple[int, int]], workers: Optional[int] = None) -> str:
+def mtlsproxyConfig(paths: dict[str, str], routes: dict[str, tuple[int, int]], workers: Optional[int] = None,
+                    sessionTickets: bool = False) -> str:
     """
     An mtlsproxy configuration: one mTLS listener per backend, client
     certificate required, CRLs checked.  C{routes} maps a name to
@@ -276,6 +289,7 @@ pool = "{name}"
 client_auth = "required"
 ca_certificates = ["{paths['ca']}"]
 crls = ["{paths['crls']}"]
+{"session_tickets = true" if sessionTickets else ""}
 
 [[listeners.certificates]]
 cert = "{paths['serverChain']}"
@@ -293,6 +307,9 @@ port = {backend}
 
 
 def haproxyConfig(paths: dict[str, str], routes: dict[str, tuple[int, int]], logFile: str) -> str:
+    """
+    An HAProxy configuration equivalent to L{mtlsproxyConfig}: one thread, mTLS required, CRLs, TCP log.
+    """
     text = f"""global
     nbthread 1
     maxconn 8000
@@ -322,6 +339,9 @@ backend be_{name}
 
 
 def stunnelConfig(paths: dict[str, str], routes: dict[str, tuple[int, int]], logFile: str) -> str:
+    """
+    A stunnel configuration equivalent to L{mtlsproxyConfig}: mTLS required, CRLs, its default logging.
+    """
     text = f"""foreground = yes
 pid =
 output = {logFile}
@@ -433,17 +453,22 @@ class Proxy:
 
 
 class MTLSProxy(Proxy):
+    """
+    mtlsproxy itself, C{twistd -n mtlsproxy} (optionally with C{workers}).
+    """
     name = "mtlsproxy"
 
     workers: Optional[int] = None
     source: Optional[str] = None
     """Another checkout to run mtlsproxy from (C{--mtlsproxy-source})."""
     logOffset = 0
+    sessionTickets = False
+    """C{session_tickets = true} on every listener (C{--session-tickets})."""
 
     def _command(self, routes: dict[str, tuple[int, int]]) -> list[str]:
         config = os.path.join(self.work, "mtlsproxy.toml")
         with open(config, "w") as f:
-            f.write(mtlsproxyConfig(self.paths, routes, self.workers))
+            f.write(mtlsproxyConfig(self.paths, routes, self.workers, self.sessionTickets))
         if self.source:
             self.environment = dict(os.environ, PYTHONPATH=self.source)
         return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile",
@@ -481,6 +506,9 @@ class MTLSProxy(Proxy):
 
 
 class HAProxy(Proxy):
+    """
+    Debian's HAProxy, C{haproxy -db}, one thread.
+    """
     name = "haproxy"
 
     def missing(self) -> Optional[str]:
@@ -502,6 +530,9 @@ class HAProxy(Proxy):
 
 
 class Stunnel(Proxy):
+    """
+    Debian's stunnel, in the foreground.
+    """
     name = "stunnel"
 
     def missing(self) -> Optional[str]:
@@ -563,6 +594,9 @@ class LoadGenerators:
             )
 
     def results(self, timeout: float) -> list[dict[str, Any]]:
+        """
+        Each load generator's JSON result (waiting at most C{timeout} seconds).
+        """
         results = []
         for process in self.processes:
             try:
@@ -590,6 +624,9 @@ class Bench:
     # -- set-up
 
     def startBackend(self) -> None:
+        """
+        Start the backends on the load generator's core and learn their ports.
+        """
         self.backend = subprocess.Popen(
             pinned(CLIENT_CORE, [PYTHON, os.path.join(BENCH, "backend.py"), "--lifetime", "3600"]),
             stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
@@ -601,6 +638,9 @@ class Bench:
         self.backendPorts = info
 
     def stopBackend(self) -> None:
+        """
+        Stop the backends (closing their standard input ends them).
+        """
         if self.backend is not None:
             assert self.backend.stdin is not None
             self.backend.stdin.close()
@@ -611,6 +651,9 @@ class Bench:
                 self.backend.wait()
 
     def tlsSettings(self) -> dict[str, Any]:
+        """
+        The load generator's client settings: the valid client's chain and key, the groups.
+        """
         return {"chain": self.paths["clientChain"], "key": self.paths["clientKey"], "groups": self.args.groups}
 
     # -- gates
@@ -736,6 +779,9 @@ class Bench:
     # -- measurements
 
     def window(self, warmup: float, duration: float) -> tuple[float, float]:
+        """
+        The measured window, after C{warmup} seconds from now, on the monotonic clock the load generators share.
+        """
         startAt = time.monotonic() + warmup
         return startAt, startAt + duration
 
@@ -759,6 +805,9 @@ class Bench:
         }
 
     def handshakes(self, proxy: Proxy, resume: bool, clients: int = 1, core: Optional[str] = CLIENT_CORE) -> dict[str, Any]:
+        """
+        Full or resumed handshakes per second (and per proxy CPU-second).
+        """
         startAt, endAt = self.window(self.args.warmup, self.args.duration)
         job = {"job": "handshakes", "port": proxy.ports["echo"], "tls": self.tlsSettings() if proxy.tls else None,
                "resume": resume, "concurrency": self.args.concurrency, "startAt": startAt, "endAt": endAt}
@@ -794,6 +843,9 @@ class Bench:
         return combined
 
     def bulk(self, proxy: Proxy, direction: str, streams: int) -> dict[str, Any]:
+        """
+        Megabytes per second through C{streams} connections in one direction.
+        """
         startAt, endAt = self.window(self.args.warmup + 0.2 * streams, self.args.bulkDuration)
         job = {"job": "bulk", "port": proxy.ports["sink" if direction == "up" else "source"],
                "tls": self.tlsSettings() if proxy.tls else None, "direction": direction, "streams": streams,
@@ -808,6 +860,9 @@ class Bench:
         return result
 
     def latency(self, proxy: Proxy) -> dict[str, Any]:
+        """
+        1 KiB round trips over 32 connections at C{--rate} per second: percentiles.
+        """
         # Connections are set up before startAt; the first second is not recorded.
         startAt = time.monotonic() + 1.5
         recordFrom = startAt + 1.0
@@ -945,6 +1000,7 @@ class Bench:
         for workers in (1, 2):
             proxy = MTLSProxy(self.work, self.paths, self.backendPorts)
             proxy.source = self.args.source
+            proxy.sessionTickets = self.args.sessionTickets
             proxy.workers = workers
             proxy.core = None
             proxy.start()
@@ -958,6 +1014,9 @@ class Bench:
         return result
 
     def tlsCost(self) -> dict[str, Any]:
+        """
+        The OpenSSL limit (L{bench.tlscost}), measured on the proxy's core.
+        """
         out = subprocess.run(
             pinned(PROXY_CORE, [PYTHON, os.path.join(BENCH, "tlscost.py"), self.pkiDir, str(self.args.tlscostCount)]),
             capture_output=True, text=True, timeout=300,
@@ -970,6 +1029,9 @@ class Bench:
     # -- the whole run
 
     def run(self) -> dict[str, Any]:
+        """
+        The whole benchmark: PKI, backends, gates, every test for every proxy, scaling.
+        """
         args = self.args
         self.results["started"] = datetime.now(timezone.utc).isoformat()
         self.results["command"] = " ".join([os.path.relpath(PYTHON, REPO) if PYTHON.startswith(REPO) else PYTHON]
@@ -992,6 +1054,7 @@ class Bench:
                 proxy = classes[name](self.work, self.paths, self.backendPorts)
                 if isinstance(proxy, MTLSProxy):
                     proxy.source = args.source
+                    proxy.sessionTickets = args.sessionTickets
                 result = self.results["proxies"][name] = self.prepareProxy(proxy)
                 if "missing" not in result and result.get("gates", {"passed": True})["passed"]:
                     proxies.append(proxy)
@@ -1015,6 +1078,9 @@ class Bench:
 
 
 def summarise(name: str, r: dict[str, Any]) -> str:
+    """
+    One line about one test's result, for the progress log.
+    """
     if "failed" in r:
         return f"FAILED {r['failed']}"
     if name in ("handshakes", "resumed"):
@@ -1069,6 +1135,9 @@ ROWS = [
 
 
 def table(results: dict[str, Any]) -> str:
+    """
+    The results table: one column per proxy, the ratio to HAProxy, notes and verdicts.
+    """
     proxies = list(results["proxies"])
     width = 28
     lines = []
@@ -1193,6 +1262,9 @@ ALL_TESTS = ("tlscost", "handshakes", "resumed", "bulk", "latency", "idle", "sca
 
 
 def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
+    """
+    The command line (C{--help} lists it).
+    """
     parser = argparse.ArgumentParser(
         description="Benchmark mtlsproxy against HAProxy and stunnel (mTLS, CRLs, one core each).")
     parser.add_argument("--rsa", action="store_true", help="RSA-2048 certificates instead of ECDSA P-256")
@@ -1215,6 +1287,8 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="record mtlsproxy with py-spy during each test (collapsed stacks in DIR;"
                              " summarise with bench/profile.py); the figures are then not representative")
     parser.add_argument("--py-spy", dest="pySpy", default=shutil.which("py-spy") or "py-spy")
+    parser.add_argument("--session-tickets", dest="sessionTickets", action="store_true",
+                        help="mtlsproxy listeners with session_tickets = true (stateless TLS 1.3 tickets)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configurations, logs)")
     parser.add_argument("--json", help="where to write the results (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
@@ -1230,6 +1304,9 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """
+    Run the benchmark; exit status 1 if a proxy failed its correctness gates.
+    """
     args = parseArgs(argv)
     bench = Bench(args)
     try:

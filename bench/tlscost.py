@@ -171,6 +171,9 @@ def measureStdlib(pki: str, count: int) -> dict[str, Any]:
 
 
 def main() -> None:
+    """
+    Measure both servers and print the result as JSON.
+    """
     pki = sys.argv[1]
     count = int(sys.argv[2]) if len(sys.argv) > 2 else 500
     print(json.dumps({"pyopenssl": measurePyOpenSSL(pki, count), "stdlib": measureStdlib(pki, count)}))

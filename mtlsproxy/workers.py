@@ -176,10 +176,16 @@ class ParentWatcher(Service):
         self._interval = interval
 
     def startService(self) -> None:
+        """
+        Check now and every C{interval} seconds.
+        """
         Service.startService(self)
         self._call.start(self._interval, now=True)
 
     def stopService(self) -> Any:
+        """
+        Stop checking.
+        """
         Service.stopService(self)
         if self._call.running:
             self._call.stop()
@@ -257,6 +263,9 @@ class _WorkerProtocol(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
 
     def processEnded(self, reason: Failure) -> None:
+        """
+        The worker exited: tell the supervisor, then whoever waits for it.
+        """
         self.supervisor._workerEnded(self, reason)
         self.ended.callback(None)
 
@@ -348,6 +357,9 @@ class WorkerSupervisor(Service):
     # -- start
 
     def startService(self) -> None:
+        """
+        Open the listeners, then start the workers; forward C{SIGHUP}.
+        """
         Service.startService(self)
         opened = [self._open(name, description) for name, description in self.endpoints]
         DeferredList(opened, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
