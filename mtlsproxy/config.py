@@ -693,7 +693,8 @@ class ListenerConfig:
     @ivar groups: The key exchange groups in order of preference, instead
         of the policy's.
     @ivar session_tickets: Resume sessions with stateless tickets (a key
-        per context) as well as the server's session cache.
+        per context; the default, because the server then keeps no memory
+        per TLS 1.3 session) rather than the server's session cache.
     @ivar alpn: The application protocols to offer in ALPN, in order of
         preference; empty for no ALPN.
     @ivar close_revoked_connections: When a reload brings a CRL that revokes
@@ -786,7 +787,7 @@ class ListenerConfig:
         metadata=_key(tlsOnly=True),
     )
     session_tickets: bool = attrs.field(
-        default=False, validator=_boolean, metadata=_key(tlsOnly=True)
+        default=True, validator=_boolean, metadata=_key(tlsOnly=True)
     )
     alpn: tuple[str, ...] = attrs.field(
         default=(), converter=_toTuple, validator=_names, metadata=_key(tlsOnly=True)

@@ -312,7 +312,7 @@ def buildServerContext(
     context = SSL.Context(SSL.TLS_METHOD)
     _applyPolicy(context, listenerPolicy(listener))
     options = CONTEXT_OPTIONS
-    if resumable and getattr(listener, "session_tickets", False):
+    if resumable and getattr(listener, "session_tickets", True):
         options &= ~SSL.OP_NO_TICKET
     context.set_options(options)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)

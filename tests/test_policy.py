@@ -326,12 +326,12 @@ class _EnforcementMixin:
 
     def test_sessionTickets(self) -> None:
         """
-        When C{session_tickets} is off (the default), contexts have
-        C{OP_NO_TICKET}; when on, they do not, and sessions resume.
+        When C{session_tickets} is off, contexts have C{OP_NO_TICKET}; when
+        on (the default), they do not, and sessions resume.
         """
-        default = serverContextFactory(policyListener(), self.material)
-        self.assertEqual(default.context.set_options(0) & CONTEXT_OPTIONS, CONTEXT_OPTIONS)
-        tickets = serverContextFactory(policyListener(session_tickets=True), self.material)
+        off = serverContextFactory(policyListener(session_tickets=False), self.material)
+        self.assertEqual(off.context.set_options(0) & CONTEXT_OPTIONS, CONTEXT_OPTIONS)
+        tickets = serverContextFactory(policyListener(), self.material)
         self.assertFalse(tickets.context.set_options(0) & SSL.OP_NO_TICKET)
         client = NamedClient(self.pki.serverRoot.certificate, b"www.example.com", None, TLS13)
         first = inMemory(tickets, client)

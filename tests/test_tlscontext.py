@@ -474,10 +474,13 @@ class ServerContextFactoryTests(SynchronousTestCase):
 
     def test_options(self) -> None:
         """
-        When a context is built, compression, renegotiation and stateless
-        tickets are off and the server's cipher order wins.
+        When a context is built with C{session_tickets = false},
+        compression, renegotiation and stateless tickets are off and the
+        server's cipher order wins.
         """
-        factory = serverContextFactory(listenerConfig(), listenerMaterial(self.pki))
+        factory = serverContextFactory(
+            attrs.evolve(listenerConfig(), session_tickets=False), listenerMaterial(self.pki)
+        )
         # set_options(0) changes nothing and returns the options in force.
         options = factory.context.set_options(0)
         self.assertEqual(options & CONTEXT_OPTIONS, CONTEXT_OPTIONS)
