@@ -42,7 +42,7 @@ def runBackend(name: str, port: int) -> None:
         def render_GET(self, request: object) -> bytes:
             return f"hello from {name}\n".encode()
 
-    reactor.listenTCP(port, Site(Hello()), interface="127.0.0.1")  # type: ignore[attr-defined]
+    reactor.listenTCP(port, Site(Hello()), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
     reactor.run()  # type: ignore[attr-defined]
 
 

@@ -199,6 +199,16 @@ class ParentWatcher(Service):
                 self._reactor.stop()
 
 
+
+def workerLogFile(logfile: str, index: int) -> str:
+    """
+    The log file of worker C{index} when twistd was given C{--logfile
+    LOGFILE}: C{LOGFILE.worker-INDEX}, beside the supervisor's own.
+    """
+    if logfile == "-":
+        return logfile
+    return f"{logfile}.worker-{index}"
+
 def workerArguments(
     twistdOptions: Any,
     pluginOptions: Any,
@@ -218,7 +228,10 @@ def workerArguments(
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     if twistdOptions is not None:
         if twistdOptions.get("logfile"):
-            argv += ["--logfile", twistdOptions["logfile"]]
+            # One file per worker: twistd's LogFile opens an existing file
+            # "rb+" and seeks to its end once, so processes sharing one file
+            # would overwrite each other's lines (and rotate it separately).
+            argv += ["--logfile", workerLogFile(twistdOptions["logfile"], index)]
         logger = twistdOptions.get("logger")
         if isinstance(logger, str) and logger and not logger.startswith("mtlsproxy.logs."):
             argv += ["--logger", logger]

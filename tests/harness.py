@@ -8,6 +8,7 @@ Everything here talks only to 127.0.0.1 and every wait is bounded.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -197,11 +198,18 @@ class ProxyProcess:
         raise RuntimeError(f"proxy did not start listening:\n{self.log()}")
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        """
+        The proxy's log: the supervisor's file followed by each worker's
+        (C{LOGFILE.worker-N}, when C{workers} > 1).
+        """
+        text = []
+        for path in [self.logfile] + sorted(glob.glob(self.logfile + ".worker-*")):
+            try:
+                with open(path, errors="replace") as f:
+                    text.append(f.read())
+            except FileNotFoundError:
+                pass
+        return "".join(text)
 
     def waitForLog(self, pattern: str, timeout: float = 10.0) -> Optional[re.Match[str]]:
         deadline = time.monotonic() + timeout

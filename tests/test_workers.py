@@ -101,7 +101,8 @@ class InheritTests(SynchronousTestCase):
     def test_arguments(self) -> None:
         """
         When a worker's command line is made, it runs twistd in the
-        foreground without a pid file, logs where the supervisor logs, and
+        foreground without a pid file, logs to its own file beside the
+        supervisor's (C{LOGFILE.worker-N}: twistd's LogFile cannot be shared), and
         names its index, its supervisor and its sockets.
         """
         twistd = {"logfile": "/var/log/p.log", "logger": object(), "syslog": False}
@@ -109,7 +110,7 @@ class InheritTests(SynchronousTestCase):
         argv = workerArguments(twistd, plugin, 1, {"l": InheritedListener(5, "INET")}, 42)
         self.assertIn("-n", argv)
         self.assertIn("--pidfile=", argv)
-        self.assertEqual(argv[argv.index("--logfile") + 1], "/var/log/p.log")
+        self.assertEqual(argv[argv.index("--logfile") + 1], "/var/log/p.log.worker-1")
         self.assertNotIn("--logger", argv)
         tail = argv[argv.index("mtlsproxy"):]
         self.assertEqual(
