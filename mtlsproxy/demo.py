@@ -92,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name, port in BACKENDS:
             children.append(
-                subprocess.Popen([sys.executable, "-m", "mtlsproxy.demo", "backend", name, str(port)])
+                subprocess.Popen(
+                    [sys.executable, "-m", "mtlsproxy.demo", "backend", name, str(port)],
+                    start_new_session=True,
+                )
             )
         for name, port in BACKENDS:
             if not _waitForPort("127.0.0.1", port):
@@ -102,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if check.returncode != 0:
             return 1
         proxy = subprocess.Popen(
-            [_bin("twistd"), "-n", "--pidfile=", "mtlsproxy", "--config", CONFIG], cwd=ROOT
+            [_bin("twistd"), "-n", "--pidfile=", "mtlsproxy", "--config", CONFIG],
+            cwd=ROOT,
+            # Own session: a Ctrl-C in the terminal reaches only the demo,
+            # which then stops the proxy once (SIGTERM, graceful drain).
+            start_new_session=True,
         )
         children.append(proxy)
         if not _waitForPort(*PROXY):
@@ -128,8 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("    " + shlex.join(bare))
             result = subprocess.run(bare, capture_output=True, text=True, timeout=15)
             print(f"    -> exit {result.returncode}: " + (result.stderr.strip() or result.stdout.strip()))
+        revoked = [part.replace("client.", "revoked-client.") for part in curl]
         print("A revoked client certificate is refused too:")
-        print("    " + shlex.join(curl).replace("client.", "revoked-client."))
+        print("    " + shlex.join(revoked))
+        if shutil.which("curl"):
+            result = subprocess.run(revoked, capture_output=True, text=True, timeout=15)
+            print(f"    -> exit {result.returncode}: " + (result.stderr.strip() or result.stdout.strip()))
         sys.stdout.flush()
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(c.poll() is None for c in children):
