@@ -973,6 +973,16 @@ class CommandTests(_TestCase):
         )
         self.assertFalse((self.dir / "alice.p12").exists())
 
+    def test_serialTextPadded(self) -> None:
+        """
+        When a serial number is printed, it is upper-case hexadecimal padded
+        to whole bytes, as C{openssl x509 -serial} prints it, whatever its
+        leading nibble.
+        """
+        self.assertEqual(pki._serialText(0xA3A4), "A3A4")
+        self.assertEqual(pki._serialText(0xA3A), "0A3A")
+        self.assertEqual(pki._serialText(0x1), "01")
+
     def test_revokeThenCRL(self) -> None:
         """
         When a client certificate is revoked, its issuer's CRL is rewritten
@@ -984,7 +994,7 @@ class CommandTests(_TestCase):
         self.runCommand("client", "--name", "bob", "--issuer", "inter")
         serial = self.cert("alice").serial_number
         out, _ = self.runCommand("revoke", "--name", "alice")
-        self.assertIn(f"serial {serial:X}", out)
+        self.assertIn(f"serial {pki._serialText(serial)}", out)
         crl = self.crl("inter")
         self.assertTrue(_signedBy(crl, self.cert("inter")))
         self.assertEqual([r.serial_number for r in crl], [serial])
@@ -1006,7 +1016,7 @@ class CommandTests(_TestCase):
         entries = {e["name"]: e for e in index["issued"]}
         self.assertIsNotNone(entries["alice"]["revoked_at"])
         self.assertIsNone(entries["bob"]["revoked_at"])
-        self.assertEqual(entries["alice"]["serial"], f"{serial:X}")
+        self.assertEqual(entries["alice"]["serial"], pki._serialText(serial))
 
     def test_revokeIntermediate(self) -> None:
         """
