@@ -92,12 +92,25 @@ def waitUntil(predicate: Callable[[], object], timeout: float, interval: float =
     return bool(predicate())
 
 
-def settledDescriptors(pid: int, baseline: int, timeout: float = 10.0) -> int:
+def settledDescriptors(pid: int, baseline: int, timeout: float = 20.0) -> int:
     """
     Wait until process C{pid} has no more descriptors than C{baseline}, or
-    C{timeout}; return how many it has.
+    C{timeout}; return how many it has.  When it still has more, what they
+    are (and the process's TCP table) is written to standard error, so a
+    failure in CI says which descriptors stayed open.
     """
     waitUntil(lambda: openDescriptors(pid) <= baseline, timeout, 0.1)
+    if openDescriptors(pid) > baseline:
+        import sys
+        for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+            try:
+                print("open descriptor", fd, os.readlink(f"/proc/{pid}/fd/{fd}"), file=sys.stderr)
+            except OSError:
+                pass
+        try:
+            print(open(f"/proc/{pid}/net/tcp").read(), file=sys.stderr)
+        except OSError:
+            pass
     return openDescriptors(pid)
 
 
