@@ -27,12 +27,11 @@ import math
 import os
 import re
 import tomllib
-from datetime import date, datetime, time
 from typing import Any, Callable, Literal, Sequence, TypeVar
 
 import attrs
 
-from .errors import ConfigurationError, joinKey
+from .errors import ConfigurationError, describeValue, joinKey
 from .policy import DEFAULT_POLICY, POLICIES, TLS_VERSIONS, listenerPolicy, policyProblem
 
 __all__ = [
@@ -230,35 +229,7 @@ def _structure(
 # ---------------------------------------------------------------------------
 
 
-def _describe(value: object) -> str:
-    """
-    Describe a TOML value for an error message: strings quoted, other
-    scalars with their TOML type, tables and arrays by kind only.
-    """
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 80 else text[:76] + '..."'
-    if isinstance(value, bool):
-        return "boolean " + ("true" if value else "false")
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "float nan"
-        if math.isinf(value):
-            return "float " + ("inf" if value > 0 else "-inf")
-        return f"float {value!r}"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, datetime):
-        return f"date-time {value.isoformat()}"
-    if isinstance(value, date):
-        return f"date {value.isoformat()}"
-    if isinstance(value, time):
-        return f"time {value.isoformat()}"
-    return repr(value)
+_describe = describeValue
 
 
 def _refuse(attribute: attrs.Attribute[Any], expected: str, value: object) -> ConfigurationError:

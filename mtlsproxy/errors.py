@@ -9,9 +9,13 @@ console script, C{twistd} and a reload have one thing to catch and print.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Mapping
+from datetime import date, datetime, time
 
-__all__ = ["ConfigurationError", "joinKey"]
+__all__ = ["ConfigurationError", "describeValue", "joinKey"]
 
 _LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
 
@@ -113,3 +117,36 @@ class ConfigurationError(Exception):
         if self.path:
             return self
         return ConfigurationError(self.problem, path, self.key, self.line)
+
+
+def describeValue(value: object) -> str:
+    """
+    Describe a TOML value for an error message: strings quoted, other
+    scalars with their TOML type, tables and arrays by kind only
+    (C{'"5s"'}, C{"integer 5"}, C{"an array"}).  The configuration loader
+    and checker plugins (their L{OptionError}s) share it.
+    """
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 80 else text[:76] + '..."'
+    if isinstance(value, bool):
+        return "boolean " + ("true" if value else "false")
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "float nan"
+        if math.isinf(value):
+            return "float " + ("inf" if value > 0 else "-inf")
+        return f"float {value!r}"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, datetime):
+        return f"date-time {value.isoformat()}"
+    if isinstance(value, date):
+        return f"date {value.isoformat()}"
+    if isinstance(value, time):
+        return f"time {value.isoformat()}"
+    return repr(value)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import random as _random
-from datetime import date, datetime, time
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -47,7 +46,7 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
 
-from .errors import ConfigurationError, joinKey
+from .errors import ConfigurationError, describeValue, joinKey
 from .interfaces import IHealthCheckerFactory
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,39 +161,6 @@ class FrozenOptions(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"FrozenOptions({self._items!r})"
-
-
-def describeValue(value: object) -> str:
-    """
-    Describe a TOML value for an error message the way
-    L{mtlsproxy.config} does: strings quoted, other scalars with their TOML
-    type, tables and arrays by kind only (C{'"5s"'}, C{"integer 5"},
-    C{"an array"}).  Checker plugins use it for their L{OptionError}s.
-    """
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 80 else text[:76] + '..."'
-    if isinstance(value, bool):
-        return "boolean " + ("true" if value else "false")
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "float nan"
-        if math.isinf(value):
-            return "float " + ("inf" if value > 0 else "-inf")
-        return f"float {value!r}"
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, datetime):
-        return f"date-time {value.isoformat()}"
-    if isinstance(value, date):
-        return f"date {value.isoformat()}"
-    if isinstance(value, time):
-        return f"time {value.isoformat()}"
-    return repr(value)
 
 
 _Validator = Callable[[object, "attrs.Attribute[Any]", object], None]
