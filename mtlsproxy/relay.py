@@ -835,14 +835,7 @@ class ProxyServerProtocol(Protocol):
             **fields,
         )
         self._noteClose(CloseReason.ERROR)
-        self._enter(Phase.CLOSING)
-        self._pending = []
-        self._cancelAttempt()
-        self._stopBackendFeedingClient()
-        self._stopClientFeedingBackend()
-        self._closeClient()
-        self._closeBackend()
-        self._finishIfDone()
+        self._closeBothSides()
 
     # -- backend events -------------------------------------------------------
 
@@ -1030,6 +1023,14 @@ class ProxyServerProtocol(Protocol):
         if self.phase in (Phase.NEW, Phase.CLOSED):
             return
         self._noteClose(reason)
+        self._closeBothSides()
+
+    def _closeBothSides(self) -> None:
+        """
+        Enter C{CLOSING}: drop what was kept for a backend, abandon a
+        connection attempt, unregister the producers both ways and close
+        both transports after their pending data.
+        """
         self._enter(Phase.CLOSING)
         self._pending = []
         self._cancelAttempt()
