@@ -1286,7 +1286,7 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR",
                         help="record mtlsproxy with py-spy during each test (collapsed stacks in DIR;"
                              " summarise with bench/profile.py); the figures are then not representative")
-    parser.add_argument("--py-spy", dest="pySpy", default=shutil.which("py-spy") or "py-spy")
+    parser.add_argument("--py-spy", dest="pySpy", default=_findPySpy())
     parser.add_argument("--session-tickets", dest="sessionTickets", action="store_true",
                         help="mtlsproxy listeners with session_tickets = true (stateless TLS 1.3 tickets)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configurations, logs)")
@@ -1301,6 +1301,14 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
         args.duration, args.bulkDuration, args.latencyDuration, args.warmup = 1.0, 0.5, 1.0, 0.5
         args.idle, args.tlscostCount, args.rate = 50, 50, 500.0
     return args
+
+
+def _findPySpy() -> str:
+    """
+    py-spy on C{PATH}, else beside this Python (the virtualenv's C{bin}).
+    """
+    found = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    return found or "py-spy"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -109,6 +109,45 @@ a relay then writes each to the other side on its own.)
 """
 
 
+_WANT_READ = WantReadError()
+"""
+The one L{WantReadError} that L{_BatchIO.readRecords} reports "no complete
+record left" with, at the end of nearly every read: it is never raised, so
+it carries no traceback.
+"""
+
+
+def _withoutTraceback(error: Error) -> Error:
+    """
+    C{error}, caught, without its traceback.
+
+    An exception kept after its C{except} block holds its traceback, whose
+    frames hold the local variable that keeps the exception: a reference
+    cycle that only the cyclic garbage collector frees.  Made once per read,
+    those cycles (with every frame of the reactor's stack, which Python
+    materialises for the traceback) made the collector run tens of times a
+    second on a busy proxy, each run a pause of up to milliseconds for every
+    connection.
+    """
+    error.__traceback__ = None
+    return error
+
+
+def _problemOf(connection: Connection, ssl: Any, result: int) -> Error:
+    """
+    Why C{SSL_read} on C{connection} returned C{result} (0 or less): the
+    exception pyOpenSSL would raise, without raising one in the common
+    case (L{_WANT_READ}) and without a traceback in the others.
+    """
+    if _lib.SSL_get_error(ssl, result) == _lib.SSL_ERROR_WANT_READ:
+        return _WANT_READ
+    try:
+        connection._raise_ssl_error(ssl, result)
+    except Error as e:
+        return _withoutTraceback(e)
+    return _WANT_READ
+
+
 class _BatchIO:
     """
     Moves bytes between a memory-BIO L{Connection} and Python with one copy
@@ -157,12 +196,7 @@ class _BatchIO:
             got += result
         problem: Optional[Error] = None
         if result <= 0:
-            try:
-                connection._raise_ssl_error(ssl, result)
-            except Error as e:
-                problem = e
-            else:
-                problem = WantReadError()
+            problem = _problemOf(connection, ssl, result)
         return (_ffi.buffer(buffer, got)[:] if got else b"", problem)
 
     def _readRecordsSlowly(self, connection: Connection) -> tuple[bytes, Optional[Error]]:
@@ -173,7 +207,7 @@ class _BatchIO:
             try:
                 chunk = connection.recv(2**15)
             except Error as e:
-                problem = e
+                problem = _withoutTraceback(e)
                 break
             chunks.append(chunk)
             size += len(chunk)
@@ -229,6 +263,9 @@ class _BatchIO:
         while True:
             result = read(bio, buffer, RECORD_BATCH_SIZE)
             if result <= 0:
+                if _lib.BIO_should_retry(bio) and _lib.BIO_should_read(bio):
+                    # Empty: what pyOpenSSL would report as WantReadError.
+                    return chunks
                 try:
                     connection._handle_bio_errors(bio, result)
                 except WantReadError:

@@ -8,6 +8,7 @@ L{connectTLS}) are also used by C{tests.test_relay}.
 
 from __future__ import annotations
 
+import types
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional
 
@@ -617,3 +618,78 @@ class HandshakeTests(SynchronousTestCase):
         seen[0].trap(ConnectionLost)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(wrapped.events, ["connectionMade", "connectionLost"])
+
+
+class NoCyclicGarbageTests(SynchronousTestCase):
+    """
+    Reading records makes no reference cycles: a busy proxy reads at the
+    end of every record, and a cycle per read made Python's cyclic garbage
+    collector run tens of times a second, each run a pause for every
+    connection (the latency benchmark's tail).
+    """
+
+    def _garbageAfter(self, action: Callable[[], None]) -> list[Any]:
+        """
+        The objects only the cyclic collector could free that C{action}
+        left behind.
+        """
+        import gc
+
+        gc.collect()
+        wasEnabled = gc.isenabled()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            del gc.garbage[:]
+            action()
+            gc.collect()
+            found = list(gc.garbage)
+            del gc.garbage[:]
+        finally:
+            gc.set_debug(0)
+            if wasEnabled:
+                gc.enable()
+        return found
+
+    def test_roundTripsLeaveNoCycles(self) -> None:
+        """
+        A hundred request/response exchanges over an established TLS
+        connection leave no L{SSL.Error}, traceback or frame for the cyclic
+        collector.
+        """
+        pair = connectTLS(_factoryOf(HalfCloseRecorder), _factoryOf(HalfCloseRecorder),
+                          SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION)
+        pair.pump.flush()
+
+        def exchange() -> None:
+            for i in range(100):
+                pair.client.transport.write(b"request %d" % i)
+                pair.pump.flush()
+                pair.server.transport.write(b"response %d" % i)
+                pair.pump.flush()
+
+        garbage = self._garbageAfter(exchange)
+        self.assertTrue(pair.server.received.endswith(b"request 99"))
+        self.assertTrue(pair.client.received.endswith(b"response 99"))
+        kinds = sorted({type(item).__name__ for item in garbage
+                        if isinstance(item, (SSL.Error, types.TracebackType, types.FrameType))})
+        self.assertEqual(kinds, [])
+
+    def test_errorsKeepNoTraceback(self) -> None:
+        """
+        The end-of-data marker L{_BatchIO.readRecords} reports is one shared
+        L{SSL.WantReadError}, never raised (no traceback).
+        """
+        from mtlsproxy.tlsproto import _batchIO
+
+        pair = connectTLS(_factoryOf(HalfCloseRecorder), _factoryOf(HalfCloseRecorder),
+                          SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION)
+        pair.pump.flush()
+        if not _batchIO.available:
+            raise self.failureException("pyOpenSSL's private helpers are missing: slow path only")
+        data, problem = _batchIO.readRecords(pair.serverTLS.getHandle())
+        self.assertEqual(data, b"")
+        self.assertIsInstance(problem, SSL.WantReadError)
+        assert problem is not None
+        self.assertIsNone(problem.__traceback__)
+        self.assertIs(_batchIO.readRecords(pair.serverTLS.getHandle())[1], problem)
