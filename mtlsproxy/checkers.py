@@ -17,13 +17,23 @@ response.
 Checks never fail: network errors become C{CheckResult(False, reason)} with
 a short reason (L{describeFailure}), except for cancellation, which
 propagates.
+
+Over TLS with a pool's backend TLS settings (a
+L{BackendTLS<mtlsproxy.backendtls.BackendTLS>}) the C{tls} and C{http}
+checkers connect the way the relay does, through
+L{BackendTLS.wrapFactory<mtlsproxy.backendtls.BackendTLS.wrapFactory>}
+(L{_AcceptedTLSEndpoint}): the connection counts as made only once the
+member is verified I{and} has accepted the proxy's client certificate.  In
+TLS 1.3 the client's handshake completes before the server has looked at
+that certificate, so with the connection creator alone a member that
+rejects it (an alert after its Finished) would pass the C{tls} check.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -36,8 +46,14 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -52,8 +68,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from .backendtls import BackendTLSError
 from .health import CheckResult, OptionError, describeValue
 from .interfaces import IHealthChecker
+from .pool import localResourceError
 
 __all__ = [
     "BODY_LIMIT",
@@ -126,9 +144,15 @@ def describeFailure(failure: Failure) -> str:
     A short reason for a failed connection, handshake or request, for a
     L{CheckResult}: C{"connection refused"}, C{"connect timeout"},
     C{"TLS handshake failed: certificate verify failed"},
-    C{"connection closed before a response"}.
+    C{"TLS handshake failed: client_certificate_rejected: tlsv1 alert
+    unknown ca"} (a L{BackendTLSError}),
+    C{"connection closed before a response"}, C{"the proxy is out of
+    resources (EMFILE): ..."}.
     """
     e = failure.value
+    ownError = localResourceError(failure)
+    if ownError is not None:
+        return f"the proxy is out of resources ({ownError}): {failure.getErrorMessage()}"
     if isinstance(e, ResponseNeverReceived):
         return _innerReason(e.reasons, "connection closed before a response")
     if isinstance(e, ResponseFailed):
@@ -145,6 +169,9 @@ def describeFailure(failure: Failure) -> str:
         return "no route to host"
     if isinstance(e, SSL.Error):
         return f"TLS handshake failed: {_sslReasons(e)}"
+    if isinstance(e, BackendTLSError):
+        # "client_certificate_rejected: tlsv1 alert unknown ca"
+        return f"TLS handshake failed: {e}"
     if isinstance(e, VerificationError):
         return f"TLS handshake failed: certificate does not match {_mismatches(e)}"
     if isinstance(e, (_error.ConnectionDone, _error.ConnectionLost)):
@@ -244,6 +271,157 @@ class _UnverifiedTLS:
         address = member.address
         isName = not (isIPAddress(address) or isIPv6Address(address))
         return _ServerNameOnly(self._context, _hostBytes(address) if isName else None)
+
+
+class _ReportConnected(Protocol):
+    """
+    Stands between a L{BackendTLSProtocol<mtlsproxy.backendtls.BackendTLSProtocol>}
+    and the protocol of an L{_AcceptedTLSEndpoint} connection: connects that
+    protocol to the TLS transport, then reports it connected (as the
+    endpoints of L{twisted.internet.endpoints} report theirs, after
+    C{makeConnection}, so that the protocol can be used at once).
+    """
+
+    def __init__(self, wrapped: IProtocol, connected: Callable[[IProtocol], None]) -> None:
+        self._wrapped = wrapped
+        self._connected = connected
+
+    def connectionMade(self) -> None:
+        self._wrapped.makeConnection(self.transport)  # type: ignore[arg-type]
+        self._connected(self._wrapped)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._wrapped.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._wrapped.connectionLost(reason)
+
+
+class _AcceptanceAttempt(ClientFactory):
+    """
+    The factory that L{BackendTLS.wrapFactory
+    <mtlsproxy.backendtls.BackendTLS.wrapFactory>} wraps for one
+    L{_AcceptedTLSEndpoint} connection: it hears that the member accepted
+    the proxy (C{buildProtocol}) or why the TLS connection failed
+    (C{clientConnectionFailed}, a L{BackendTLSError}).
+
+    @ivar connected: Fires with the protocol of C{protocolFactory},
+        connected, once the member accepted; fails with why the TCP
+        connection or the TLS handshake failed.  Cancelling it stops the
+        TCP connection attempt or aborts the connection.
+    """
+
+    noisy = False
+
+    def __init__(self, protocolFactory: IProtocolFactory) -> None:
+        self._protocolFactory = protocolFactory
+        self._tcpConnecting: Optional[Deferred[Any]] = None
+        self._tlsProtocol: Any = None
+        self._cancelled = False
+        self.connected: Deferred[IProtocol] = Deferred(self._cancel)
+
+    def follow(self, tcpConnecting: "Deferred[Any]") -> None:
+        """
+        Watch the TCP connection attempt, which fires with the TLS protocol
+        (handshaking) or fails.
+        """
+        self._tcpConnecting = tcpConnecting
+        tcpConnecting.addCallbacks(self._tcpConnected, self._failed)
+
+    def _tcpConnected(self, tlsProtocol: Any) -> None:
+        self._tcpConnecting = None
+        self._tlsProtocol = tlsProtocol
+
+    def _failed(self, reason: Failure) -> None:
+        self._tcpConnecting = None
+        if not self._cancelled and not self.connected.called:
+            self.connected.errback(reason)
+
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
+        """
+        The member is verified and accepted the proxy: build the real
+        protocol, to be reported once it is connected.
+        """
+        protocol = self._protocolFactory.buildProtocol(addr)
+        if protocol is None:
+            self._failed(Failure(_error.ConnectError(string="the protocol factory refused")))
+            return None
+        return _ReportConnected(protocol, self._accepted)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        """
+        The TLS handshake failed or the member rejected the proxy's
+        certificate (a L{BackendTLSError}).
+        """
+        self._failed(reason)
+
+    def _accepted(self, protocol: IProtocol) -> None:
+        if self._cancelled or self.connected.called:
+            return
+        self.connected.callback(protocol)
+
+    def _cancel(self, connected: "Deferred[IProtocol]") -> None:
+        self._cancelled = True
+        if self._tcpConnecting is not None:
+            self._tcpConnecting.cancel()
+        elif self._tlsProtocol is not None:
+            self._tlsProtocol.abortConnection()
+
+
+@implementer(IStreamClientEndpoint)
+class _AcceptedTLSEndpoint:
+    """
+    A TLS connection to a member made the way the relay makes it, through
+    L{BackendTLS.wrapFactory<mtlsproxy.backendtls.BackendTLS.wrapFactory>}:
+    C{connect} fires only once the member is verified and has accepted the
+    proxy's client certificate (for a TLS 1.3 member that asked for one,
+    once it has said so, see L{mtlsproxy.backendtls}), and fails with a
+    L{BackendTLSError} if it did not.
+
+    @ivar tls: The pool's backend TLS settings.
+    @ivar member: The member (C{address}, C{port}).
+    @ivar tcp: The endpoint of the TCP connection to it.
+    @ivar clock: For the handshake timeout.
+    @ivar timeout: Seconds the handshake may take once TCP is connected.
+    """
+
+    def __init__(self, tls: Any, member: Any, tcp: Any, clock: Any, timeout: float) -> None:
+        self.tls = tls
+        self.member = member
+        self.tcp = tcp
+        self.clock = clock
+        self.timeout = timeout
+
+    def connect(self, protocolFactory: IProtocolFactory) -> "Deferred[IProtocol]":
+        """
+        Connect a protocol of C{protocolFactory} to the member.
+
+        @see: L{IStreamClientEndpoint.connect}
+        """
+        attempt = _AcceptanceAttempt(protocolFactory)
+        wrapped = self.tls.wrapFactory(self.member, attempt, self.clock, self.timeout)
+        attempt.follow(self.tcp.connect(wrapped))
+        return attempt.connected
+
+
+def _tlsEndpoint(reactor: Any, tls: Any, member: Any, timeout: float) -> tuple[Any, bool]:
+    """
+    An endpoint for a TLS connection to C{member} with the backend TLS
+    settings C{tls}.
+
+    Settings with a C{wrapFactory} method (L{BackendTLS
+    <mtlsproxy.backendtls.BackendTLS>}) connect as the relay does
+    (L{_AcceptedTLSEndpoint}); others (a third party's, or
+    L{_UnverifiedTLS}, which presents no certificate) with their
+    C{clientConnectionCreator} alone.
+
+    @return: The endpoint, and whether its connections are made only once
+        the member accepted the proxy (so after the handshake completed).
+    """
+    tcp = _tcpEndpoint(reactor, member, timeout)
+    if getattr(tls, "wrapFactory", None) is None:
+        return wrapClientTLS(tls.clientConnectionCreator(member), tcp), False
+    return _AcceptedTLSEndpoint(tls, member, tcp, reactor, timeout), True
 
 
 def _noOptions(options: Mapping[str, Any]) -> None:
@@ -380,6 +558,17 @@ class _HandshakeProbe(Protocol):
             self.done.errback(reason)
 
 
+class _AcceptedProbe(_HandshakeProbe):
+    """
+    A L{_HandshakeProbe} for an L{_AcceptedTLSEndpoint} connection: it is
+    connected only after the handshake completed and the member accepted
+    the proxy, so it closes at once.
+    """
+
+    def connectionMade(self) -> None:
+        self.handshakeCompleted()
+
+
 @implementer(IHealthChecker)
 class TLSChecker:
     """
@@ -388,8 +577,11 @@ class TLSChecker:
 
     With the pool's backend TLS settings the member's certificate is
     verified with them (trusted CAs, name, the client certificate the proxy
-    presents); without (C{tls=None}, a pool that passes TLS through) the
-    handshake is not verified: it only shows that the member speaks TLS.
+    presents) and, as the relay does, the member must accept the proxy's
+    certificate: a TLS 1.3 member's verdict comes after the handshake
+    (L{_AcceptedTLSEndpoint}).  Without (C{tls=None}, a pool that passes TLS
+    through) the handshake is not verified: it only shows that the member
+    speaks TLS.
     """
 
     def __init__(
@@ -419,11 +611,9 @@ class TLSChecker:
 
         @see: L{IHealthChecker.check}
         """
-        creator = self._tls.clientConnectionCreator(member)
-        endpoint: Any = wrapClientTLS(
-            creator, _tcpEndpoint(self._reactor, member, self._connectTimeout)
-        )
-        connecting = endpoint.connect(Factory.forProtocol(_HandshakeProbe))
+        endpoint, accepted = _tlsEndpoint(self._reactor, self._tls, member, self._connectTimeout)
+        probe = _AcceptedProbe if accepted else _HandshakeProbe
+        connecting = endpoint.connect(Factory.forProtocol(probe))
         connecting.addCallback(lambda probe: probe.done)
         suffix = "" if self._verified else ", certificate not verified"
         connecting.addCallback(
@@ -655,11 +845,11 @@ class HTTPChecker:
 
         @see: L{IHealthChecker.check}
         """
-        endpoint = _tcpEndpoint(self._reactor, member, self._connectTimeout)
         if self._tls is not None:
-            endpoint = wrapClientTLS(self._tls.clientConnectionCreator(member), endpoint)
+            endpoint, _ = _tlsEndpoint(self._reactor, self._tls, member, self._connectTimeout)
             scheme = b"https"
         else:
+            endpoint = _tcpEndpoint(self._reactor, member, self._connectTimeout)
             scheme = b"http"
         agent = Agent.usingEndpointFactory(self._reactor, _OneEndpoint(endpoint))
         authority = _authority(member)

@@ -72,7 +72,13 @@ from zope.interface import implementer
 
 from .headers import headerValue, requestHeaders, responseHeaders
 from .identity import ClientTLSInfo, identityHeaders, tlsInfoOf
-from .pool import NO_HEALTHY_MEMBER, ConnectionFacts, Member
+from .pool import (
+    LOCAL_CONNECT_FAILED_FORMAT,
+    NO_HEALTHY_MEMBER,
+    ConnectionFacts,
+    Member,
+    localResourceError,
+)
 from .routing import Router, RouteTarget
 
 __all__ = [
@@ -565,19 +571,35 @@ class _Exchange:
             return
         self._attempt = None
         member = attempt.member
-        member.connectFailed()
-        self.client.factory.metrics.connectFailed(self.poolName, _hostPort(member.address, member.port))
         self.failed.append(member)
-        self.client.log.warn(
-            "Listener {listener}: backend {backend} failed for {peer}"
-            " (attempt {attempt} of {maxAttempts}): {reason}",
-            listener=self.client.factory.listenerName,
-            backend=_hostPort(member.address, member.port),
-            peer=self.client._peer,
-            attempt=self.attempts,
-            maxAttempts=self.target.maxAttempts,
-            reason=reason.getErrorMessage(),
-        )
+        ownError = localResourceError(reason)
+        if ownError is not None:
+            # Out of descriptors or ports: the proxy's problem, not the
+            # member's; it must not count towards passive ejection.
+            self.client.log.error(
+                LOCAL_CONNECT_FAILED_FORMAT,
+                listener=self.client.factory.listenerName,
+                pool=self.poolName,
+                backend=_hostPort(member.address, member.port),
+                peer=self.client._peer,
+                errno=ownError,
+                error=reason.getErrorMessage(),
+            )
+        else:
+            member.connectFailed()
+            self.client.factory.metrics.connectFailed(
+                self.poolName, _hostPort(member.address, member.port)
+            )
+            self.client.log.warn(
+                "Listener {listener}: backend {backend} failed for {peer}"
+                " (attempt {attempt} of {maxAttempts}): {reason}",
+                listener=self.client.factory.listenerName,
+                backend=_hostPort(member.address, member.port),
+                peer=self.client._peer,
+                attempt=self.attempts,
+                maxAttempts=self.target.maxAttempts,
+                reason=reason.getErrorMessage(),
+            )
         if self.phase is _ExchangePhase.CONNECTING:
             self._connectNext()
 

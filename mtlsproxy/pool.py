@@ -16,7 +16,10 @@ Two things take a member out of rotation without an operator:
     connection attempt (L{Member.connectFailed}; L{Member.connectSucceeded},
     which L{Member.connectionOpened} implies), and after C{eject_after} consecutive failures the member is ejected for
     C{eject_backoff} seconds, twice as long on each ejection that follows
-    without a success in between, up to C{eject_backoff_max}.
+    without a success in between, up to C{eject_backoff_max}.  Attempts
+    that failed because the proxy itself ran out of file descriptors,
+    memory or ephemeral ports (L{localResourceError}) are not the member's
+    fault and are not reported.
 
 Neither touches established connections: they only decide which members new
 connections may go to.
@@ -24,11 +27,14 @@ connections may go to.
 
 from __future__ import annotations
 
+import errno
 import time
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Final, Iterable, Optional, Protocol
 
 import attrs
+from twisted.internet.error import ConnectError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .health import ALL_UNHEALTHY_CHOICES, PassiveEjectionConfig
@@ -45,6 +51,55 @@ MEMBERS_EXHAUSTED = "members_exhausted"
 L{Pool.noCandidateReason}: the members that may take connections were all
 tried already for this connection.
 """
+
+LOCAL_RESOURCE_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+"""
+The errors of a connection attempt that are the proxy's own, not the
+member's: out of file descriptors (C{EMFILE} for the process, C{ENFILE} for
+the system), of socket buffers or memory (C{ENOBUFS}, C{ENOMEM}), or of
+ephemeral ports (C{EADDRNOTAVAIL} from C{connect()}).
+"""
+
+LOCAL_CONNECT_FAILED_FORMAT: Final = (
+    "Listener {listener}: could not connect to backend {backend} for {peer}:"
+    " the proxy itself is out of resources ({errno}: {error});"
+    " not counted against the member"
+)
+"""
+The C{log_format} of the error logged for a connection attempt that failed
+with one of L{LOCAL_RESOURCE_ERRNOS}.  Fields: C{listener}, C{pool},
+C{backend} (C{"host:port"}), C{peer}, C{errno} (its name, C{"EMFILE"}) and
+C{error} (Twisted's message).
+"""
+
+
+def localResourceError(reason: Failure) -> Optional[str]:
+    """
+    Did a connection attempt fail because the proxy itself ran out of a
+    resource (L{LOCAL_RESOURCE_ERRNOS})?  Such a failure says nothing about
+    the member, so it must not count towards the member's passive ejection
+    (L{Member.connectFailed}): under descriptor exhaustion every attempt
+    fails and would eject every healthy member.
+
+    Twisted reports a failed C{socket()} as a
+    L{ConnectBindError<twisted.internet.error.ConnectBindError>} and a
+    failed C{connect()} as a L{ConnectError} (C{getConnectError}), both with
+    the errno in C{osError}; a bare L{OSError} is understood too.
+
+    @return: The errno's name (C{"EMFILE"}), or L{None} if the failure is
+        not a local resource problem.
+    """
+    value = reason.value
+    number: object = None
+    if isinstance(value, ConnectError):
+        number = value.osError
+    elif isinstance(value, OSError):
+        number = value.errno
+    if isinstance(number, int) and number in LOCAL_RESOURCE_ERRNOS:
+        return errno.errorcode.get(number, str(number))
+    return None
 
 
 class Clock(Protocol):
@@ -236,6 +291,8 @@ class Member:
     def connectFailed(self, now: Optional[float] = None) -> None:
         """
         A connection attempt to this member failed (refused, timed out).
+        Not for attempts that failed for want of the proxy's own resources
+        (L{localResourceError}).
 
         After C{ejectionConfig.eject_after} consecutive failures the member is
         ejected (see the module docstring).  Failures while it is ejected

@@ -56,7 +56,7 @@ from .backendtls import logBackendTLSFailure
 from .drain import ConnectionInfo, ConnectionRegistry
 from .limits import ConnectionGate, IdleTimer, Timeouts
 from .metrics import NO_METRICS, ListenerMetrics
-from .pool import ConnectionFacts, Member, Pool
+from .pool import LOCAL_CONNECT_FAILED_FORMAT, ConnectionFacts, Member, Pool, localResourceError
 from .routing import ConnectionRouter, RouteTarget
 from .tlsproto import writeNow
 from .verify import peerIdentity, rejectionReason
@@ -83,7 +83,10 @@ The C{log_format} of every access event.  Its fields:
   - C{listener}: the listener's configured name.
   - C{peer}: the client's address, C{"host:port"} (C{"[v6]:port"}).
   - C{sni}: the server name the client asked for, or L{None}.
-  - C{tls_version}, C{cipher}: as OpenSSL names them, or L{None} on TCP.
+  - C{tls_version}, C{cipher}: as OpenSSL names them, or L{None} on TCP and
+    when a handshake failed before a version (or cipher) was agreed (a
+    client speaking garbage or plain HTTP, or offering only versions the
+    listener refuses).
   - C{subject}, C{issuer}: the client certificate's names (RFC 4514), or L{None}.
   - C{serial}: the client certificate's serial number in lowercase hex, or L{None}.
   - C{fingerprint}: SHA-256 of the client certificate (DER), lowercase hex, or L{None}.
@@ -177,6 +180,24 @@ class _TLSFacts:
     identity: Any = None
 
 
+def _agreedVersion(handle: Any) -> Optional[str]:
+    """
+    The protocol version client and server agreed on, or L{None} if the
+    handshake failed before they did.
+
+    C{get_protocol_version_name()} alone cannot tell: before negotiation it
+    names the highest version the context allows (C{"TLSv1.3"} for a client
+    that sent garbage or plain HTTP), and after a refused ClientHello the
+    client's offer (C{"TLSv1.1"}).  OpenSSL creates the server's session
+    only once it has chosen a version, so a session means an agreed one
+    (also when the handshake failed later, on the client certificate).
+    """
+    if handle.get_session() is None:
+        return None
+    version: Optional[str] = handle.get_protocol_version_name()
+    return version
+
+
 def _tlsFactsOf(transport: Any) -> _TLSFacts:
     """
     Read version, cipher, SNI and the client certificate from a TLS
@@ -190,7 +211,7 @@ def _tlsFactsOf(transport: Any) -> _TLSFacts:
     # access log (.subject, .issuer, .serial, .fingerprint).
     identity = peerIdentity(handle)
     return _TLSFacts(
-        version=handle.get_protocol_version_name(),
+        version=_agreedVersion(handle),
         cipher=handle.get_cipher_name(),
         sni=servername.decode("ascii", "replace") if servername else None,
         identity=identity,
@@ -765,22 +786,36 @@ class ProxyServerProtocol(Protocol):
             return
         self._attempt = None
         member = attempt.member
-        member.connectFailed()
-        self.factory.metrics.connectFailed(
-            self._target.pool.name, _hostPort(member.address, member.port)
-        )
         self._failedMembers.append(member)
-        logBackendTLSFailure(reason, listener=self.factory.listenerName, peer=self._peer)
-        self.log.warn(
-            "Listener {listener}: backend {backend} failed for {peer}"
-            " (attempt {attempt} of {maxAttempts}): {reason}",
-            listener=self.factory.listenerName,
-            backend=_hostPort(member.address, member.port),
-            peer=self._peer,
-            attempt=self._attempts,
-            maxAttempts=self._target.maxAttempts,
-            reason=reason.getErrorMessage(),
-        )
+        ownError = localResourceError(reason)
+        if ownError is not None:
+            # Out of descriptors or ports: the proxy's problem, not the
+            # member's; it must not count towards passive ejection.
+            self.log.error(
+                LOCAL_CONNECT_FAILED_FORMAT,
+                listener=self.factory.listenerName,
+                pool=self._target.pool.name,
+                backend=_hostPort(member.address, member.port),
+                peer=self._peer,
+                errno=ownError,
+                error=reason.getErrorMessage(),
+            )
+        else:
+            member.connectFailed()
+            self.factory.metrics.connectFailed(
+                self._target.pool.name, _hostPort(member.address, member.port)
+            )
+            logBackendTLSFailure(reason, listener=self.factory.listenerName, peer=self._peer)
+            self.log.warn(
+                "Listener {listener}: backend {backend} failed for {peer}"
+                " (attempt {attempt} of {maxAttempts}): {reason}",
+                listener=self.factory.listenerName,
+                backend=_hostPort(member.address, member.port),
+                peer=self._peer,
+                attempt=self._attempts,
+                maxAttempts=self._target.maxAttempts,
+                reason=reason.getErrorMessage(),
+            )
         if self.phase is Phase.CONNECTING:
             self._connectNext()
         else:

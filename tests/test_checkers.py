@@ -10,10 +10,14 @@ reactor check would otherwise catch it only sometimes).
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl as _stdssl
+import threading
 from typing import Any, Callable, Generator, Optional
 
 import attrs
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import reactor as _globalReactor
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -30,6 +34,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mtlsproxy import pki
+from mtlsproxy.backendtls import BackendTLS, BackendTLSMaterial
 from mtlsproxy.checkers import (
     BODY_LIMIT,
     HTTPChecker,
@@ -144,6 +149,138 @@ class _ServerTLS:
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return SSL.Connection(self._context, None)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _MutualServerTLS:
+    """
+    A backend's TLS server side that requires a client certificate from
+    C{clientCA} (checked against C{crls}, if any), TLS 1.3 only unless
+    C{version} says otherwise.
+    """
+
+    def __init__(
+        self,
+        issued: pki.Issued,
+        clientCA: pki.Issued,
+        crls: tuple[Any, ...] = (),
+        version: int = SSL.TLS1_3_VERSION,
+    ) -> None:
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(version)
+        context.set_max_proto_version(version)
+        context.use_certificate(issued.certificate)
+        context.use_privatekey(issued.key)
+        store = context.get_cert_store()
+        assert store is not None
+        store.add_cert(crypto.X509.from_cryptography(clientCA.certificate))
+        if crls:
+            for crl in crls:
+                store.add_crl(crl)
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        context.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            lambda connection, certificate, errno, depth, ok: bool(ok),
+        )
+        self._context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+class _ThreadedMember:
+    """
+    A TLS 1.3 member in a thread (Python's C{ssl}, one connection) that
+    requires a client certificate from C{clientCA} and sends no session
+    ticket: after the handshake it says nothing until the client closes.
+
+    @ivar peers: The common names of the client certificates it accepted.
+    @ivar closed: The connection is closed.
+    """
+
+    def __init__(self, directory: str, clientCA: pki.Issued) -> None:
+        os.makedirs(directory)
+        server = _PKI.get().server
+        certificate = os.path.join(directory, "member.pem")
+        key = os.path.join(directory, "member.key")
+        with open(certificate, "wb") as f:
+            f.write(pki.certificatePEM(server.certificate))
+        with open(key, "wb") as f:
+            f.write(pki.keyPEM(server.key))
+        context = _stdssl.SSLContext(_stdssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = _stdssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(certificate, key)
+        context.load_verify_locations(cadata=pki.certificatePEM(clientCA.certificate).decode())
+        context.verify_mode = _stdssl.CERT_REQUIRED
+        context.num_tickets = 0
+        self._context = context
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(1)
+        self._sock.settimeout(10)
+        self.port: int = self._sock.getsockname()[1]
+        self.peers: list[str] = []
+        self.closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            raw, _ = self._sock.accept()
+        except OSError:
+            return
+        raw.settimeout(10)
+        try:
+            conn = self._context.wrap_socket(raw, server_side=True)
+            subject: Any = (conn.getpeercert() or {}).get("subject", ())
+            self.peers.extend(value for part in subject for key, value in part if key == "commonName")
+            while conn.recv(4096):
+                pass
+        except (_stdssl.SSLError, OSError):
+            pass
+        finally:
+            raw.close()
+            self.closed = True
+
+    def stop(self) -> None:
+        self._sock.close()
+        self._thread.join(10)
+
+
+class _MutualPKI:
+    """
+    Member certificates from L{_PKI}'s root, and client certificates for the
+    proxy: C{proxy} from C{clientRoot}, C{revoked} from it too but revoked
+    by C{crl}; C{otherClientRoot} issued neither.
+    """
+
+    _made: Optional["_MutualPKI"] = None
+
+    def __init__(self) -> None:
+        self.clientRoot = pki.createRootCA("proxy client root")
+        self.otherClientRoot = pki.createRootCA("someone else's client root")
+        self.proxy = pki.issueClientCertificate(self.clientRoot, "mtlsproxy")
+        self.revoked = pki.issueClientCertificate(self.clientRoot, "mtlsproxy-revoked")
+        self.crl = pki.buildCRL(self.clientRoot, [self.revoked.certificate])
+
+    @classmethod
+    def get(cls) -> "_MutualPKI":
+        if cls._made is None:
+            cls._made = cls()
+        return cls._made
+
+
+def _poolTLS(client: Optional[pki.Issued]) -> BackendTLS:
+    """
+    Real backend TLS settings of a pool: trusts L{_PKI}'s root and presents
+    C{client} (or no certificate).
+    """
+    material = BackendTLSMaterial(
+        cas=(_PKI.get().root.certificate,),
+        chain=(client.certificate,) if client is not None else (),
+        key=client.key if client is not None else None,
+    )
+    return BackendTLS.create("app", material)
 
 
 class _PKI:
@@ -265,6 +402,19 @@ class InterfaceTests(SynchronousTestCase):
         """
         self.assertEqual(describeFailure(Failure(RuntimeError("odd"))), "odd")
         self.assertEqual(describeFailure(Failure(RuntimeError())), "RuntimeError")
+
+    def test_describeLocalResourceError(self) -> None:
+        """
+        When the proxy could not even create a socket (out of file
+        descriptors), the reason says it is the proxy's problem and names the
+        errno.
+        """
+        from errno import EMFILE
+
+        from twisted.internet.error import ConnectBindError
+
+        reason = describeFailure(Failure(ConnectBindError(EMFILE, "Too many open files")))
+        self.assertTrue(reason.startswith("the proxy is out of resources (EMFILE)"), reason)
 
 
 class TCPCheckerTests(_ServerTestCase):
@@ -569,6 +719,204 @@ class HTTPCheckerTests(_ServerTestCase):
         result = yield self.checker(_BackendTLS(material.root)).check(_member(port))
         self.assertEqual(result, CheckResult(False, VERIFY_FAILED))
         self.assertEqual(resource.hosts, [])
+
+
+class ClientCertificateVerdictTests(_ServerTestCase):
+    """
+    The C{tls} and C{http} checkers with a pool's real L{BackendTLS} against
+    members that require a client certificate: like the relay, they wait for
+    a TLS 1.3 member's verdict on the proxy's certificate, which comes after
+    the client's handshake completed.
+    """
+
+    def listenMutual(
+        self, factory: Any, clientCA: pki.Issued, **kw: Any
+    ) -> tuple[_Tracker, int]:
+        tracker = _Tracker(factory)
+        tls = TLSMemoryBIOFactory(
+            _MutualServerTLS(_PKI.get().server, clientCA, **kw), False, tracker
+        )
+        port: Any = reactor.listenTCP(0, tls, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(tracker.allClosed)
+        return tracker, port.getHost().port
+
+    @inlineCallbacks
+    def test_tls13Accepted(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.3 member requires a client certificate and accepts the
+        proxy's, the member is healthy and the connection closed.
+        """
+        material = _MutualPKI.get()
+        tracker, port = self.listenMutual(Factory.forProtocol(_Silent), material.clientRoot)
+        result = yield TLSChecker(reactor, _poolTLS(material.proxy)).check(_member(port))
+        self.assertEqual(result, CheckResult(True, "TLS handshake completed (TLSv1.3)"))
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_tls13AcceptedWithoutTickets(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.3 member accepts the proxy's certificate but sends
+        nothing after the handshake (no session tickets), the member is
+        healthy all the same, and the member saw the proxy's certificate.
+        """
+        material = _MutualPKI.get()
+        member = _ThreadedMember(self.mktemp(), material.clientRoot)
+        self.addCleanup(member.stop)
+        result = yield TLSChecker(reactor, _poolTLS(material.proxy)).check(_member(member.port))
+        self.assertEqual(result, CheckResult(True, "TLS handshake completed (TLSv1.3)"))
+        yield self.waitFor(lambda: member.closed)
+        self.assertEqual(member.peers, ["mtlsproxy"])
+
+    @inlineCallbacks
+    def waitFor(self, predicate: Callable[[], object], limit: float = 10.0) -> Generator[Any, Any, None]:
+        started = reactor.seconds()
+        while not predicate():
+            if reactor.seconds() - started > limit:
+                self.fail(f"not within {limit}s")
+            yield deferLater(reactor, 0.02, lambda: None)
+
+    @inlineCallbacks
+    def test_tls13UnknownCA(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.3 member requires a client certificate from a CA that
+        did not issue the proxy's, it rejects it after the handshake and the
+        member is unhealthy: the reason names the alert.
+        """
+        material = _MutualPKI.get()
+        tracker, port = self.listenMutual(Factory.forProtocol(_Silent), material.otherClientRoot)
+        result = yield TLSChecker(reactor, _poolTLS(material.proxy)).check(_member(port))
+        self.assertFalse(result.healthy, result)
+        self.assertRegex(
+            result.reason, r"^TLS handshake failed: client_certificate_rejected: .*unknown ca"
+        )
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_tls13Revoked(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.3 member finds the proxy's client certificate revoked,
+        the member is unhealthy: the reason names the alert.
+        """
+        material = _MutualPKI.get()
+        tracker, port = self.listenMutual(
+            Factory.forProtocol(_Silent), material.clientRoot, crls=(material.crl,)
+        )
+        result = yield TLSChecker(reactor, _poolTLS(material.revoked)).check(_member(port))
+        self.assertFalse(result.healthy, result)
+        self.assertRegex(
+            result.reason,
+            r"^TLS handshake failed: client_certificate_rejected: .*certificate revoked",
+        )
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_tls13NoClientCertificate(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.3 member requires a client certificate and the pool has
+        none, the member is unhealthy: certificate required.
+        """
+        material = _MutualPKI.get()
+        tracker, port = self.listenMutual(Factory.forProtocol(_Silent), material.clientRoot)
+        result = yield TLSChecker(reactor, _poolTLS(None)).check(_member(port))
+        self.assertFalse(result.healthy, result)
+        self.assertRegex(
+            result.reason,
+            r"^TLS handshake failed: client_certificate_required: .*certificate required",
+        )
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_tls12UnknownCA(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.2 member rejects the proxy's client certificate (during
+        the handshake), the member is unhealthy: the reason names the alert.
+        """
+        material = _MutualPKI.get()
+        tracker, port = self.listenMutual(
+            Factory.forProtocol(_Silent), material.otherClientRoot, version=SSL.TLS1_2_VERSION
+        )
+        result = yield TLSChecker(reactor, _poolTLS(material.proxy)).check(_member(port))
+        self.assertFalse(result.healthy, result)
+        self.assertRegex(
+            result.reason, r"^TLS handshake failed: client_certificate_rejected: .*unknown ca"
+        )
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_untrustedMember(self) -> Generator[Any, Any, None]:
+        """
+        When the member's certificate is from a CA the pool does not trust,
+        the member is unhealthy with the verification reason.
+        """
+        material = _MutualPKI.get()
+        tracker = _Tracker(Factory.forProtocol(_Silent))
+        tls = TLSMemoryBIOFactory(
+            _MutualServerTLS(_PKI.get().stranger, material.clientRoot), False, tracker
+        )
+        port = reactor.listenTCP(0, tls, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(tracker.allClosed)
+        checker = TLSChecker(reactor, _poolTLS(material.proxy))
+        result = yield checker.check(_member(port.getHost().port))
+        self.assertFalse(result.healthy, result)
+        self.assertTrue(result.reason.startswith("TLS handshake failed: unknown_ca: "), result)
+
+    @inlineCallbacks
+    def test_timeoutWhileWaitingForVerdict(self) -> Generator[Any, Any, None]:
+        """
+        When the member accepts TCP but never answers the handshake, the
+        check times out and the connection is closed.
+        """
+        tracker, port = self.listen(Factory.forProtocol(_Silent))
+        checker = TLSChecker(reactor, _poolTLS(_MutualPKI.get().proxy))
+        result = yield checkOnce(reactor, checker, _member(port), 0.3)
+        self.assertEqual(result, CheckResult(False, "timeout after 0.3s"))
+        yield tracker.allClosed()
+        self.assertEqual(tracker.accepted, 1)
+
+    @inlineCallbacks
+    def test_refused(self) -> Generator[Any, Any, None]:
+        """
+        When nothing listens, the member is unhealthy: connection refused.
+        """
+        port = yield self.closedPort()
+        checker = TLSChecker(reactor, _poolTLS(_MutualPKI.get().proxy))
+        result = yield checker.check(_member(port))
+        self.assertEqual(result, CheckResult(False, "connection refused"))
+
+    @inlineCallbacks
+    def test_httpsAccepted(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.3 HTTPS member accepts the proxy's client certificate,
+        the request is answered and the member is healthy.
+        """
+        material = _MutualPKI.get()
+        resource = _HealthResource(200, b"ok")
+        tracker, port = self.listenMutual(Site(resource), material.clientRoot)
+        checker = HTTPChecker.fromOptions(reactor, {"body_contains": "ok"}, _poolTLS(material.proxy))
+        result = yield checker.check(_member(port))
+        self.assertEqual(result, CheckResult(True, "HTTP 200"))
+        self.assertEqual(resource.paths, [b"/"])
+        yield tracker.allClosed()
+
+    @inlineCallbacks
+    def test_httpsRejected(self) -> Generator[Any, Any, None]:
+        """
+        When a TLS 1.3 HTTPS member rejects the proxy's client certificate,
+        the member is unhealthy with the alert, and no request reached it.
+        """
+        material = _MutualPKI.get()
+        resource = _HealthResource(200, b"ok")
+        tracker, port = self.listenMutual(Site(resource), material.otherClientRoot)
+        checker = HTTPChecker.fromOptions(reactor, {}, _poolTLS(material.proxy))
+        result = yield checker.check(_member(port))
+        self.assertFalse(result.healthy, result)
+        self.assertRegex(
+            result.reason, r"^TLS handshake failed: client_certificate_rejected: .*unknown ca"
+        )
+        self.assertEqual(resource.paths, [])
+        yield tracker.allClosed()
 
 
 class MonitorWithRealCheckerTests(_ServerTestCase):
