@@ -153,18 +153,24 @@ class ProxyService(MultiService):
         loaded: Any,
         inherited: Optional[dict[str, Any]] = None,
         workerIndex: Optional[int] = None,
+        statusSocket: Optional[str] = None,
     ) -> None:
         """
         @param inherited: In a worker process (L{mtlsproxy.workers}): the
             listening sockets from the supervisor by listener name.
         @param workerIndex: In a worker process, its index: only worker 0
-            serves the status endpoint and the admin console.
+            serves the admin console, and no worker the configured status
+            endpoint (the supervisor does).
+        @param statusSocket: In a worker process with C{[status]}, the path
+            of the private UNIX socket where it serves its status site to
+            the supervisor (L{mtlsproxy.fanin}).
         """
         MultiService.__init__(self)
         self._reactor = reactor
         self.loaded = loaded
         self.inherited = dict(inherited or {})
         self.workerIndex = workerIndex
+        self.statusSocket = statusSocket
         config = loaded.config
         # Operations (docs/operations.md): metrics, live connections, drain.
         self.metrics = ProxyMetrics()
@@ -337,9 +343,21 @@ class ProxyService(MultiService):
         for warning in warnings:
             self.log.warn("Configuration warning: {text}", text=warning)
         self.statusService: Optional[StatusService] = None
-        if config.status is not None and not self.workerIndex:
+        if config.status is not None and self.workerIndex is None:
             self.statusService = StatusService(
                 self._reactor, self, self.metrics.registry, config.status, self.statusMaterial
+            )
+            self.statusService.setServiceParent(self)
+        elif config.status is not None and self.statusSocket is not None:
+            from .status import privateEndpoint
+
+            # A worker: its supervisor serves [status], asking every worker.
+            self.statusService = StatusService(
+                self._reactor,
+                self,
+                self.metrics.registry,
+                config.status,
+                endpoint=privateEndpoint(self.statusSocket),
             )
             self.statusService.setServiceParent(self)
         self.adminService: Any = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
@@ -53,6 +54,7 @@ __all__ = [
     "StatusService",
     "expiryReport",
     "loadStatusMaterial",
+    "privateEndpoint",
     "proxyStatus",
     "readiness",
 ]
@@ -549,13 +551,33 @@ class _QuietSite(Site):
         """
 
 
+def privateEndpoint(path: str) -> str:
+    """
+    The server endpoint description of a worker's private status socket at
+    C{path}: a UNIX socket only its owner may connect to (the directory the
+    supervisor makes is private too, see L{mtlsproxy.workers}).  No lock
+    file: the supervisor removes a dead worker's socket before starting it
+    again.
+    """
+    escaped = path.replace("\\", "\\\\").replace(":", "\\:")
+    return f"unix:{escaped}:mode=600:lockfile=0"
+
+
 class StatusService(Service):
     """
     Serves the status site on the configured endpoint.
 
+    Three sites are built this way: a single process's (the configured
+    endpoint, L{StatusResource}); a worker's private one (C{endpoint}: plain
+    HTTP on a UNIX socket, for its supervisor only); and the supervisor's
+    (the configured endpoint, C{resource}: the fan-in of
+    L{mtlsproxy.fanin}), so that TLS and client certificates are set up in
+    one place.
+
     @ivar port: The listening port once listening, else L{None}.
     @ivar controlAllowed: Whether member control (drain, enable) is served:
         set once listening, from the address and the TLS settings.
+    @ivar private: Whether this is a worker's private socket.
     """
 
     log = Logger()
@@ -567,13 +589,36 @@ class StatusService(Service):
         registry: Any,
         statusConfig: Any,
         material: Optional[ListenerMaterial] = None,
+        *,
+        endpoint: Optional[str] = None,
+        resource: Optional[Callable[[Callable[[], bool]], Resource]] = None,
     ) -> None:
+        """
+        @param proxy: The L{mtlsproxy.service.ProxyService} the default site
+            reports on (unused with C{resource}).
+        @param registry: The C{CollectorRegistry} of the default site's
+            C{/metrics} (unused with C{resource}).
+        @param statusConfig: The C{[status]} table.
+        @param material: The TLS material for HTTPS (L{loadStatusMaterial}).
+        @param endpoint: Listen on this endpoint description, in plain HTTP,
+            instead of the configured one and its TLS settings: a worker's
+            private socket (L{privateEndpoint}).
+        @param resource: Makes the site's root from a callable that tells
+            whether member control is allowed, instead of
+            L{StatusResource}.
+        """
         self.setName("status")
         self._reactor = reactor
         self.config = statusConfig
-        self.resource = StatusResource(proxy, registry, reactor, lambda: self.controlAllowed)
+        self.private = endpoint is not None
+        self._endpoint = endpoint if endpoint is not None else statusConfig.endpoint
+        self.controlAllowed = False
+        allowed = lambda: self.controlAllowed  # noqa: E731
+        self.resource = (
+            resource(allowed) if resource is not None else StatusResource(proxy, registry, reactor, allowed)
+        )
         self.factory: Any = _QuietSite(self.resource)
-        if statusConfig.tls:
+        if statusConfig.tls and not self.private:
             from .tlscontext import serverContextFactory
             from .tlsproto import HalfCloseTLSFactory
             from .verify import logHandshakeFailure
@@ -587,16 +632,22 @@ class StatusService(Service):
                 handshakeFailed=logHandshakeFailure,
             )
         self.port: Optional[IListeningPort] = None
-        self.controlAllowed = False
 
     def startService(self) -> None:
         Service.startService(self)
-        endpoint = serverFromString(self._reactor, self.config.endpoint)
+        endpoint = serverFromString(self._reactor, self._endpoint)
         endpoint.listen(self.factory).addCallbacks(self._listened, self._failed)
 
     def _listened(self, port: IListeningPort) -> None:
         self.port = port
         address = port.getHost()
+        if self.private:
+            self.controlAllowed = True
+            self.log.info(
+                "Private status socket for the supervisor at {path}",
+                path=os.fsdecode(getattr(address, "name", None) or self._endpoint),
+            )
+            return
         self.controlAllowed = isLocal(address) or (
             self.config.tls and self.config.client_auth == "required"
         )
@@ -615,8 +666,12 @@ class StatusService(Service):
 
     def _failed(self, failure: Any) -> None:
         self.log.failure(
-            "Status endpoint could not listen on {endpoint}", failure, endpoint=self.config.endpoint
+            "Status endpoint could not listen on {endpoint}", failure, endpoint=self._endpoint
         )
+        if self.private:
+            # A worker keeps proxying; its supervisor reports it as not
+            # answering.
+            return
         if self._reactor.running:
             self._reactor.stop()
 

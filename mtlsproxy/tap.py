@@ -40,6 +40,13 @@ class Options(usage.Options):
         ["worker", None, None, "(internal) Run as worker process N of a supervisor (workers > 1)."],
         ["supervisor", None, None, "(internal) The supervisor's process id, with --worker."],
         ["inherit", None, None, "(internal) The listening sockets a worker inherits, with --worker."],
+        [
+            "status-socket",
+            None,
+            None,
+            "(internal) With --worker: the private UNIX socket where the worker serves its"
+            " status site to the supervisor.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -73,8 +80,11 @@ class Options(usage.Options):
 def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
     """
     With C{workers} more than 1 (and not a worker ourselves), the
-    L{mtlsproxy.workers.WorkerSupervisor} that runs the workers; otherwise
-    L{None}: this process serves the listeners.
+    L{mtlsproxy.workers.WorkerSupervisor} that runs the workers, serving
+    C{[status]} for all of them (L{mtlsproxy.fanin}) if configured;
+    otherwise L{None}: this process serves the listeners.
+
+    @raise ConfigurationError: For the status endpoint's TLS material.
     """
     from functools import partial
 
@@ -87,13 +97,24 @@ def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
     count = workerCount(config.workers)
     if count <= 1:
         return None
-    return WorkerSupervisor(
+    supervisor = WorkerSupervisor(
         reactor,
         [(listener.name, listener.endpoint) for listener in config.listeners],
         count,
         partial(workerArguments, getattr(options, "parent", None), options),
         drainTimeout=config.drain_timeout,
+        statusSockets=config.status is not None,
     )
+    if config.status is not None:
+        from .fanin import supervisorStatusService
+        from .status import loadStatusMaterial
+
+        # The workers log the material's warnings; the supervisor only needs it.
+        material, _ = loadStatusMaterial(config, datetime.now(timezone.utc))
+        supervisorStatusService(reactor, supervisor, config.status, material).setServiceParent(
+            supervisor
+        )
+    return supervisor
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -123,6 +144,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
                 loaded,
                 inherited=options["worker"] is not None and options["inherit"] or None,
                 workerIndex=options["worker"],
+                statusSocket=options["status-socket"] if options["worker"] is not None else None,
             )
             if options["worker"] is not None:
                 from .workers import ParentWatcher

@@ -27,10 +27,22 @@ With more, the twistd process becomes a supervisor (L{WorkerSupervisor}):
     (L{exitWithParent}), and, where that is missing, a check every second
     that its parent is still the supervisor.
 
-Every worker runs the whole proxy (pools, health checks, reloads, logs);
-worker 0 alone also serves the C{[status]} endpoint and the C{[admin]}
-console, whose figures are then worker 0's own (see
-C{docs/performance.md}, "Worker processes", for metrics across workers).
+Every worker runs the whole proxy (pools, health checks, reloads, logs).
+With a C{[status]} table, the supervisor serves the configured status
+endpoint for all of them:
+
+  - it makes a private directory (mode 0700, removed when it stops) and
+    gives each worker a socket path in it (C{--status-socket}), where the
+    worker serves its own status site in plain HTTP, to its owner only;
+  - on each request to the public endpoint it asks every worker at once
+    over those sockets and merges the answers (L{mtlsproxy.fanin}):
+    C{/metrics} with a C{worker} label on every sample, C{/status} and
+    C{/readyz} across workers, member control forwarded to every worker.
+    A worker that is down or does not answer within a couple of seconds is
+    reported as such.
+
+Worker 0 alone serves the C{[admin]} console, whose helpers see worker 0
+only (C{docs/performance.md}, "Worker processes").
 """
 
 from __future__ import annotations
@@ -39,13 +51,15 @@ import ctypes
 import ctypes.util
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -215,15 +229,19 @@ def workerArguments(
     index: int,
     inherited: dict[str, InheritedListener],
     supervisorPid: int,
+    statusSocket: Optional[str] = None,
 ) -> list[str]:
     """
     The command line of worker C{index}: this Python running twistd in the
     foreground, with the supervisor's logging options, and the plugin's
-    options plus C{--worker}, C{--supervisor} and C{--inherit}.
+    options plus C{--worker}, C{--supervisor}, C{--inherit} and, with
+    C{[status]}, C{--status-socket}.
 
     @param twistdOptions: twistd's own options (C{ServerOptions}), or
         L{None}.
     @param pluginOptions: The C{mtlsproxy} plugin's options.
+    @param statusSocket: Where the worker serves its status site for the
+        supervisor, or L{None} for nowhere.
     """
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     if twistdOptions is not None:
@@ -250,7 +268,27 @@ def workerArguments(
         "--inherit",
         encodeInherited(inherited),
     ]
+    if statusSocket is not None:
+        argv += ["--status-socket", statusSocket]
     return argv
+
+
+_MAX_SOCKET_PATH = 107
+"""Bytes in a UNIX socket's path, at most (Linux C{sun_path} less the NUL)."""
+
+
+def _privateDirectory(longestName: str) -> str:
+    """
+    Make a directory for the workers' status sockets: C{mkdtemp} (mode
+    0700, a name nobody can guess or make first) in the usual temporary
+    directory, or in C{/tmp} if C{TMPDIR} is too long for a socket path
+    ending in C{longestName}.
+    """
+    directory = tempfile.mkdtemp(prefix="mtlsproxy-status-")
+    if len(os.fsencode(os.path.join(directory, longestName))) > _MAX_SOCKET_PATH:
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="mtlsproxy-status-", dir="/tmp")
+    return directory
 
 
 class _NoAccept(Factory):
@@ -300,14 +338,21 @@ class WorkerState:
     startedAt: float = 0.0
 
 
-class WorkerSupervisor(Service):
+class WorkerSupervisor(MultiService):
     """
     The twistd process's service when C{workers} is more than 1: opens the
     listening sockets, runs the workers, forwards signals (see the module
     docstring).
 
+    Its children (the public status endpoint) start with it and stop only
+    once every worker has exited, so the endpoint reports the shutdown
+    drain as a single process's does.
+
     @ivar workers: A L{WorkerState} per worker.
     @ivar inherited: The listening sockets by listener name, once open.
+    @ivar statusDirectory: The private directory of the workers' status
+        sockets while running (with C{statusSockets}), else L{None}.
+    @ivar startedAt: When the supervisor started (reactor time).
     """
 
     log = Logger()
@@ -328,26 +373,31 @@ class WorkerSupervisor(Service):
         reactor: Any,
         endpoints: Sequence[tuple[str, str]],
         count: int,
-        arguments: Callable[[int, dict[str, InheritedListener], int], list[str]],
+        arguments: Callable[[int, dict[str, InheritedListener], int, Optional[str]], list[str]],
         drainTimeout: float,
         environment: Optional[dict[str, str]] = None,
         installSignalHandlers: bool = True,
         listen: Optional[Callable[[str, Factory], Deferred[Any]]] = None,
+        statusSockets: bool = False,
     ) -> None:
         """
         @param endpoints: (listener name, endpoint description) of every
             listener the workers serve.
         @param count: How many workers.
         @param arguments: Makes a worker's command line from its index, the
-            inherited sockets and the supervisor's pid
-            (L{workerArguments}, partially applied).
+            inherited sockets, the supervisor's pid and the worker's status
+            socket path (or L{None}) (L{workerArguments}, partially
+            applied).
         @param drainTimeout: The configuration's C{drain_timeout}.
         @param environment: The workers' environment; this process's if
             L{None}.
         @param installSignalHandlers: Forward C{SIGHUP}; off for tests.
         @param listen: Opens an endpoint description with a factory; by
             default C{serverFromString(reactor, description).listen}.
+        @param statusSockets: Give every worker a private status socket
+            (L{statusSocket}), for the fan-in status endpoint.
         """
+        MultiService.__init__(self)
         self._reactor = reactor
         self.endpoints = list(endpoints)
         self.count = count
@@ -366,14 +416,39 @@ class WorkerSupervisor(Service):
         self._pending: dict[int, Any] = {}
         self._previousHUP: Any = None
         self._listen = listen or (lambda description, factory: serverFromString(reactor, description).listen(factory))
+        self._statusSockets = statusSockets
+        self.statusDirectory: Optional[str] = None
+        self.startedAt: float = reactor.seconds()
+
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether the supervisor is shutting down (its workers draining).
+        """
+        return self._stopping
+
+    def statusSocket(self, index: int) -> Optional[str]:
+        """
+        The path of worker C{index}'s private status socket, or L{None}
+        when the workers serve none (no C{[status]}, or not running).
+        """
+        if self.statusDirectory is None:
+            return None
+        return os.path.join(self.statusDirectory, f"worker-{index}.sock")
 
     # -- start
 
     def startService(self) -> None:
         """
         Open the listeners, then start the workers; forward C{SIGHUP}.
+        With C{statusSockets}, first make the private directory of their
+        status sockets: here rather than at construction, so that it
+        belongs to the user twistd runs as once it has shed privileges.
         """
-        Service.startService(self)
+        if self._statusSockets:
+            self.statusDirectory = _privateDirectory(f"worker-{self.count - 1}.sock")
+        self.startedAt = self._reactor.seconds()
+        MultiService.startService(self)
         opened = [self._open(name, description) for name, description in self.endpoints]
         DeferredList(opened, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
             lambda _: self._startAll(), self._openFailed
@@ -419,7 +494,7 @@ class WorkerSupervisor(Service):
         if self._stopping:
             return
         state = self.workers[index]
-        argv = self._arguments(index, self.inherited, os.getpid())
+        argv = self._arguments(index, self.inherited, os.getpid(), self.statusSocket(index))
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         for item in self.inherited.values():
             childFDs[item.fd] = item.fd
@@ -445,6 +520,7 @@ class WorkerSupervisor(Service):
         state = self.workers[index]
         self._processes.pop(index, None)
         pid, state.pid = state.pid, None
+        self._removeStatusSocket(index)
         if self._stopping:
             self.log.info("Worker {index} (pid {pid}) stopped", index=index, pid=pid)
             return
@@ -464,6 +540,20 @@ class WorkerSupervisor(Service):
         )
         self._pending[index] = self._reactor.callLater(self._delay, self._start, index)
 
+    def _removeStatusSocket(self, index: int) -> None:
+        """
+        Remove what is left of a worker's status socket once it has exited
+        (a worker killed outright leaves it), so that it can listen again.
+        """
+        path = self.statusSocket(index)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.warn("Cannot remove {path}: {error}", path=path, error=e)
+
     def _onHUP(self, signum: int, frame: Any) -> None:
         self._reactor.callFromThread(self.signalWorkers, signal.SIGHUP)
 
@@ -482,9 +572,11 @@ class WorkerSupervisor(Service):
     def stopService(self) -> Deferred[Any]:
         """
         Stop every worker (C{SIGTERM}: each drains its connections for up
-        to C{drain_timeout} seconds), then close the listening sockets.
+        to C{drain_timeout} seconds), then close the listening sockets, stop
+        the children (the status endpoint) and remove the status sockets'
+        directory.
 
-        @return: Fires once every worker has exited.
+        @return: Fires once every worker has exited and all that is done.
         """
         Service.stopService(self)
         self._stopping = True
@@ -506,4 +598,13 @@ class WorkerSupervisor(Service):
             self.ports.clear()
             return DeferredList([c for c in closing if c is not None], consumeErrors=True)
 
-        return d.addCallback(closePorts)
+        def stopChildren(_: object) -> Deferred[Any]:
+            return MultiService.stopService(self)  # type: ignore[no-any-return]
+
+        def removeDirectory(result: object) -> object:
+            directory, self.statusDirectory = self.statusDirectory, None
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            return result
+
+        return d.addCallback(closePorts).addCallback(stopChildren).addBoth(removeDirectory)

@@ -6,12 +6,14 @@ life cycle (in memory) and, with real processes, a proxy with two workers.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
 import time
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
@@ -30,6 +32,7 @@ from mtlsproxy.workers import (
 )
 
 from . import harness
+from .test_integration_ops import OPS, http, metric, statusPort
 
 
 class SettingTests(SynchronousTestCase):
@@ -120,6 +123,80 @@ class InheritTests(SynchronousTestCase):
         )
 
 
+class WorkerOptionsTests(SynchronousTestCase):
+    """
+    The worker's status socket on its command line and in its service.
+    """
+
+    def test_statusSocketArgument(self) -> None:
+        """
+        When a worker has a status socket, its command line names it, and
+        the plugin's options read it back.
+        """
+        from mtlsproxy.tap import Options
+
+        plugin = {"config": "/etc/p.toml"}
+        argv = workerArguments(None, plugin, 0, {}, 42, "/run/d/worker-0.sock")
+        tail = argv[argv.index("mtlsproxy") + 1:]
+        self.assertEqual(tail[-2:], ["--status-socket", "/run/d/worker-0.sock"])
+        options = Options()
+        options.parseOptions(tail)
+        self.assertEqual(options["status-socket"], "/run/d/worker-0.sock")
+        self.assertEqual(options["worker"], 0)
+        self.assertNotIn("--status-socket", workerArguments(None, plugin, 0, {}, 42))
+
+    def test_supervisorServesStatus(self) -> None:
+        """
+        When C{workers = 2} and C{[status]} is configured, the twistd
+        process's service is the supervisor, with the fan-in status site on
+        the configured endpoint as its child, and it gives its workers
+        status sockets.
+        """
+        from mtlsproxy.fanin import FanInResource
+        from mtlsproxy.tap import Options, makeService
+
+        from .test_drain import CONFIG
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "p.toml")
+        with open(path, "w") as f:
+            f.write("workers = 2\n" + CONFIG + '\n[status]\nendpoint = "tcp:0:interface=127.0.0.1"\n')
+        options = Options()
+        options.parseOptions(["--config", path])
+        service = makeService(options, _Reactor())
+        self.assertIsInstance(service, WorkerSupervisor)
+        [status] = list(service)
+        self.assertEqual(status.config.endpoint, "tcp:0:interface=127.0.0.1")
+        self.assertIsInstance(status.resource, FanInResource)
+        self.assertTrue(service._statusSockets)
+
+    def test_workersDoNotServePublicStatus(self) -> None:
+        """
+        When C{[status]} is configured, a worker (worker 0 included) serves
+        it on its private socket only, and without a socket not at all;
+        worker 0 alone keeps the admin console.
+        """
+        from .test_drain import CONFIG, makeProxy
+
+        text = CONFIG + '\n[status]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
+        proxy, reactor = makeProxy(self, text)
+        from mtlsproxy.service import ProxyService
+
+        worker0 = ProxyService(reactor, proxy.loaded, workerIndex=0, statusSocket="/d/worker-0.sock")
+        worker0.startService()
+        self.addCleanup(worker0.stopService)
+        assert worker0.statusService is not None
+        self.assertTrue(worker0.statusService.private)
+        self.assertEqual([server[0] for server in reactor.unixServers], ["/d/worker-0.sock"])
+        self.assertEqual([s for s in reactor.tcpServers if s[1] is worker0.statusService.factory], [])
+        worker1 = ProxyService(reactor, proxy.loaded, workerIndex=1)
+        self.assertIsNone(worker1.statusService)
+        single = ProxyService(reactor, proxy.loaded)
+        assert single.statusService is not None
+        self.assertFalse(single.statusService.private)
+
+
 class _FakePort:
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -183,7 +260,7 @@ class SupervisorTests(SynchronousTestCase):
             self.reactor,
             [("a", "tcp:1"), ("b", "tcp:2")],
             2,
-            lambda index, inherited, pid: ["worker", str(index), encodeInherited(inherited)],
+            lambda index, inherited, pid, statusSocket: ["worker", str(index), encodeInherited(inherited)],
             drainTimeout=3.0,
             installSignalHandlers=False,
             listen=listen,
@@ -260,6 +337,87 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGKILL])
 
 
+class StatusSocketTests(SynchronousTestCase):
+    """
+    L{WorkerSupervisor} with C{statusSockets}: the private directory of the
+    workers' status sockets.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = _Reactor()
+        self.sockets: list[Any] = []
+
+        def arguments(index: int, inherited: Any, pid: int, statusSocket: Any) -> list[str]:
+            self.sockets.append(statusSocket)
+            return ["worker", str(index)]
+
+        self.supervisor = WorkerSupervisor(
+            self.reactor,
+            [("a", "tcp:1")],
+            2,
+            arguments,
+            drainTimeout=3.0,
+            installSignalHandlers=False,
+            listen=lambda description, factory: succeed(_FakePort(10)),
+            statusSockets=True,
+        )
+        from twisted.application.service import Service
+
+        self.child = Service()
+        self.child.setServiceParent(self.supervisor)
+        self.supervisor.startService()
+
+    def test_privateDirectory(self) -> None:
+        """
+        When started, the supervisor makes a directory only its user may
+        enter and gives each worker its own socket path there.
+        """
+        directory = self.supervisor.statusDirectory
+        assert directory is not None
+        self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700)
+        self.assertEqual(
+            self.sockets, [os.path.join(directory, "worker-0.sock"), os.path.join(directory, "worker-1.sock")]
+        )
+        self.assertTrue(self.child.running)
+        self.supervisor.stopService()
+        for protocol, _, _, _ in self.reactor.spawned:
+            protocol.processEnded(Failure(ProcessDone(0)))
+
+    def test_deadWorkersSocketRemoved(self) -> None:
+        """
+        When a worker dies, what is left of its socket is removed before it
+        is started again with the same path.
+        """
+        path = self.sockets[1]
+        with open(path, "w"):
+            pass
+        self.reactor.spawned[1][0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertFalse(os.path.exists(path))
+        self.reactor.advance(2.1)
+        self.assertEqual(self.sockets[2], path)
+        self.supervisor.stopService()
+        for protocol, _, _, _ in self.reactor.spawned[::2]:
+            protocol.processEnded(Failure(ProcessDone(0)))
+
+    def test_stopRemovesDirectoryAfterWorkers(self) -> None:
+        """
+        When stopped, the children (the status endpoint) keep running until
+        every worker has exited, then stop, and the directory is removed.
+        """
+        directory = self.supervisor.statusDirectory
+        assert directory is not None
+        stopped = self.supervisor.stopService()
+        self.reactor.spawned[0][0].processEnded(Failure(ProcessDone(0)))
+        self.assertTrue(self.child.running)
+        self.assertTrue(os.path.isdir(directory))
+        self.assertTrue(self.supervisor.stopping)
+        self.reactor.spawned[1][0].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.assertFalse(self.child.running)
+        self.assertFalse(os.path.exists(directory))
+        self.assertIsNone(self.supervisor.statusSocket(0))
+
+
 class WorkersIntegrationTests(TestCase):
     """
     A real C{twistd -n mtlsproxy} with C{workers = 2}.
@@ -272,10 +430,36 @@ class WorkersIntegrationTests(TestCase):
         self.pki = harness.DemoPKI(os.path.join(self.directory, "pki"))
         self.backend = harness.EchoBackend("b")
         self.addCleanup(self.backend.stop)
+        # With [status]: the supervisor serves it, asking each worker over
+        # its private socket.
         self.proxy = harness.ProxyProcess(
-            self.directory, "workers = 2\n" + harness.tlsConfig(self.pki.directory, [self.backend])
+            self.directory,
+            "workers = 2\n" + OPS + harness.tlsConfig(self.pki.directory, [self.backend]),
         )
+        # Cleanups run last first: this one after the proxy has stopped.
+        self.addCleanup(self._removeStatusDirectories)
         self.addCleanup(self.proxy.stop)
+
+    def _removeStatusDirectories(self) -> None:
+        """
+        Remove the directories of the workers' status sockets that a
+        supervisor killed outright (SIGKILL) could not remove itself.
+        """
+        import re
+        import shutil
+
+        for path in set(re.findall(r"Private status socket for the supervisor at (\S+)", self.proxy.log())):
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+    def _waitForWorkers(self) -> None:
+        """
+        Wait until both workers listen (their own log lines: the
+        supervisor's status endpoint logs "listening on" too).
+        """
+        self.assertTrue(
+            harness.waitFor(lambda: self.proxy.log().count("Listener mtls (tls) listening on") >= 2, timeout=30),
+            self.proxy.log()[-3000:],
+        )
 
     def _workerPids(self) -> set[int]:
         assert self.proxy.process is not None
@@ -297,7 +481,7 @@ class WorkersIntegrationTests(TestCase):
         both (each reloads); SIGTERM stops both and the supervisor.
         """
         self.proxy.start()
-        self.assertTrue(harness.waitFor(lambda: self.proxy.log().count(") listening on ") >= 2, timeout=30))
+        self._waitForWorkers()
         port = self.proxy.ports["mtls"]
         self.assertEqual(len(self._workerPids()), 2)
         ctx = harness.clientContext(self.pki, "client")
@@ -322,12 +506,76 @@ class WorkersIntegrationTests(TestCase):
         self.assertIsNotNone(self.proxy.process.returncode)
         self.assertTrue(harness.waitFor(lambda: not any(os.path.exists(f"/proc/{p}") for p in workers), 10))
 
+    def test_statusAndMetricsCoverEveryWorker(self) -> None:
+        """
+        When C{workers = 2} with C{[status]}, the supervisor's /metrics has
+        each worker's samples (the accepted connections of both sum to the
+        connections made), /status lists both workers and sums their
+        figures, and /readyz turns 503 naming a killed worker, then 200
+        again once the supervisor has started it again.
+        """
+        self.proxy.start()
+        self._waitForWorkers()
+        status = statusPort(self.proxy)
+        self.assertTrue(harness.waitFor(lambda: http(status, "/readyz")[0] == 200, timeout=30),
+                        http(status, "/readyz"))
+        port = self.proxy.ports["mtls"]
+        ctx = harness.clientContext(self.pki, "client")
+
+        def accepted() -> dict[str, float]:
+            code, body = http(status, "/metrics")
+            self.assertEqual(code, 200)
+            return {
+                sample.labels["worker"]: sample.value
+                for family in text_string_to_metric_families(body.decode())
+                for sample in family.samples
+                if sample.name == "mtlsproxy_connections_total"
+            }
+
+        made = 0
+        while made < 80 and not (made >= 6 and min(accepted().values(), default=0) > 0):
+            for _ in range(3):
+                self.assertEqual(harness.tlsExchange(port, ctx, b"hello", expectLength=5)[:5], b"hello")
+                made += 1
+        counts = accepted()
+        self.assertEqual(set(counts), {"0", "1"})
+        self.assertTrue(all(count > 0 for count in counts.values()), counts)
+        self.assertEqual(sum(counts.values()), made)
+        code, body = http(status, "/metrics")
+        self.assertEqual(metric(body.decode(), "mtlsproxy_worker_up", worker="0"), 1.0)
+        self.assertEqual(metric(body.decode(), "mtlsproxy_worker_up", worker="1"), 1.0)
+        self.assertEqual(body.decode().count("# TYPE mtlsproxy_connections_total counter"), 1)
+
+        code, body = http(status, "/status")
+        self.assertEqual(code, 200)
+        report = json.loads(body)
+        self.assertTrue(report["ready"], report["problems"])
+        pids = {entry["worker"]: entry["pid"] for entry in report["workers"]}
+        self.assertEqual(set(pids.values()), self._workerPids())
+        self.assertEqual(report["pools"][0]["members"][0]["total_connections"], made)
+        self.assertEqual(
+            [entry["status"]["pools"][0]["members"][0]["total_connections"] for entry in report["workers"]],
+            [counts["0"], counts["1"]],
+        )
+
+        os.kill(pids[1], signal.SIGKILL)
+        notReady = harness.waitFor(lambda: (lambda r: r[0] == 503 and r)(http(status, "/readyz")), timeout=10)
+        self.assertTrue(notReady)
+        self.assertIn(b"worker 1: ", notReady[1])
+        self.assertTrue(harness.waitFor(lambda: http(status, "/readyz") == (200, b"ready\n"), timeout=40),
+                        http(status, "/readyz"))
+        code, body = http(status, "/metrics")
+        self.assertEqual(metric(body.decode(), "mtlsproxy_worker_starts_total", worker="1"), 2.0)
+        self.assertEqual(metric(body.decode(), "mtlsproxy_worker_up", worker="1"), 1.0)
+        report = json.loads(http(status, "/status")[1])
+        self.assertNotEqual(report["workers"][1]["pid"], pids[1])
+
     def test_workersExitWithSupervisor(self) -> None:
         """
         When the supervisor is killed outright, its workers exit too.
         """
         self.proxy.start()
-        self.assertTrue(harness.waitFor(lambda: self.proxy.log().count(") listening on ") >= 2, timeout=30))
+        self._waitForWorkers()
         workers = self._workerPids()
         self.assertEqual(len(workers), 2)
         assert self.proxy.process is not None
@@ -347,4 +595,4 @@ class WorkersIntegrationTests(TestCase):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not gone():
             time.sleep(0.1)
-        self.assertTrue(gone())
+        self.assertTrue(gone(), self.proxy.log()[-4000:])

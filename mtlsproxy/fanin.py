@@ -1,0 +1,732 @@
+# -*- test-case-name: tests.test_fanin -*-
+"""
+The status endpoint of a supervisor (C{workers} more than 1): one answer
+for all the worker processes.
+
+Each worker serves its own status site (L{mtlsproxy.status}) in plain
+HTTP on a private UNIX socket (L{mtlsproxy.workers.WorkerSupervisor.statusSocket}).
+The supervisor serves the configured C{[status]} endpoint (same TLS and
+client-certificate settings, L{mtlsproxy.status.StatusService}) with the
+resources here, which ask every worker at once (L{WorkerStatusClient}, a
+couple of seconds at most per worker) and merge the answers:
+
+  - C{/metrics}: every worker's families with a C{worker="I"} label on
+    every sample, one family per name, plus the supervisor's own
+    C{process_*} (C{worker="supervisor"}), C{mtlsproxy_worker_up} and
+    C{mtlsproxy_worker_starts} (L{mergeMetrics});
+  - C{/status}: today's keys summed or merged across workers, plus every
+    worker's own report under C{workers} (L{mergeStatus});
+  - C{/healthz}: the supervisor runs;
+  - C{/readyz}: ready when every worker answers ready (L{mergeReadiness});
+  - C{POST /members/...}: forwarded to every worker, each one's answer
+    reported (L{mergeControl}).
+
+A worker that is not running, or does not answer in time, is named in the
+answer (never a hang, never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import attrs
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.process_collector import ProcessCollector
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from . import __version__
+from .metrics import renderFor
+from .status import StatusService, _Healthz, _json
+
+__all__ = [
+    "FanIn",
+    "FanInResource",
+    "WorkerReply",
+    "WorkerStatusClient",
+    "mergeControl",
+    "mergeMetrics",
+    "mergeReadiness",
+    "mergeStatus",
+    "supervisorStatusService",
+]
+
+log = Logger()
+
+OPENMETRICS = b"application/openmetrics-text; version=1.0.0; charset=utf-8"
+"""
+What the supervisor asks the workers' C{/metrics} for: OpenMetrics keeps a
+counter's C{_total} and C{_created} in one family, so the merge loses
+nothing, whatever format the scraper asks the supervisor for.
+"""
+
+
+@attrs.frozen
+class WorkerReply:
+    """
+    What one worker answered one request, or why it did not.
+
+    @ivar worker: The worker's index.
+    @ivar code: The HTTP status code, or L{None} without an answer.
+    @ivar body: The body of the answer.
+    @ivar error: Why there is no answer (naming the socket), or L{None}.
+    """
+
+    worker: int
+    code: Optional[int] = None
+    body: bytes = b""
+    error: Optional[str] = None
+
+    @property
+    def answered(self) -> bool:
+        """
+        Whether the worker answered at all (any status code).
+        """
+        return self.error is None and self.code is not None
+
+    def describe(self) -> str:
+        """
+        One line for a report: why there is no answer, or its status code.
+        """
+        if self.error is not None:
+            return self.error
+        return f"answered HTTP {self.code}"
+
+    def json(self) -> Any:
+        """
+        The body as JSON, or L{None} if it is not.
+        """
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+
+@implementer(IAgentEndpointFactory)
+class _OneEndpoint:
+    """
+    Sends every request of an L{Agent} to one endpoint: a worker's socket.
+    """
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri: Any) -> Any:
+        """
+        The worker's socket, whatever the URI (its host names the worker
+        for the logs only).
+        """
+        return self._endpoint
+
+
+class WorkerStatusClient:
+    """
+    Asks a worker's private status site over its UNIX socket.
+
+    @ivar timeout: Seconds a request may take, connecting included.
+    """
+
+    def __init__(self, reactor: Any, timeout: float = 2.0) -> None:
+        self._reactor = reactor
+        self.timeout = timeout
+
+    def fetch(
+        self, worker: int, socketPath: str, method: bytes, path: bytes, accept: Optional[bytes] = None
+    ) -> Deferred[WorkerReply]:
+        """
+        Send one request and read the whole answer.
+
+        @param worker: The worker's index, for the reply.
+        @param socketPath: Its status socket.
+        @param method: C{b"GET"} or C{b"POST"}.
+        @param path: The path (and query), as the client sent it.
+        @param accept: The C{Accept} header to send, if any.
+        @return: Fires with a L{WorkerReply}, never fails: a refused
+            connection or no answer within L{timeout} seconds is a reply
+            with an C{error}.
+        """
+        endpoint = UNIXClientEndpoint(self._reactor, socketPath, timeout=max(1, round(self.timeout)))
+        agent = Agent.usingEndpointFactory(
+            self._reactor, _OneEndpoint(endpoint), pool=HTTPConnectionPool(self._reactor, persistent=False)
+        )
+        headers = Headers({b"accept": [accept]} if accept is not None else {})
+        d = agent.request(method, b"http://worker-%d%s" % (worker, path), headers)
+
+        def read(response: Any) -> Deferred[WorkerReply]:
+            return readBody(response).addCallback(
+                lambda body: WorkerReply(worker, response.code, body)
+            )
+
+        d.addCallback(read)
+
+        def late(result: object, timeout: float) -> WorkerReply:
+            # Called instead of the failure from cancelling the request.
+            return WorkerReply(worker, error=f"not answering on {socketPath}: no answer within {timeout:g}s")
+
+        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=late)
+
+        def failed(failure: Failure) -> WorkerReply:
+            if failure.check(ConnectError, OSError):
+                why = f"cannot connect: {failure.getErrorMessage()}"
+            else:
+                why = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+            return WorkerReply(worker, error=f"not answering on {socketPath}: {why}")
+
+        return d.addErrback(failed)
+
+
+class FanIn:
+    """
+    Asks every worker of a supervisor the same request at once.
+
+    @ivar supervisor: The L{mtlsproxy.workers.WorkerSupervisor}: its
+        C{workers} (L{mtlsproxy.workers.WorkerState}), C{statusSocket(i)},
+        C{stopping} and C{startedAt}.
+    @ivar client: Sends one request to one worker (L{WorkerStatusClient}).
+    @ivar clock: Provides C{seconds()}.
+    @ivar registry: The supervisor's own metrics (its C{process_*}).
+    """
+
+    def __init__(
+        self, supervisor: Any, client: Any, clock: Any, registry: Optional[CollectorRegistry] = None
+    ) -> None:
+        self.supervisor = supervisor
+        self.client = client
+        self.clock = clock
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            ProcessCollector(registry=registry)
+        self.registry = registry
+
+    def ask(self, method: bytes, path: bytes, accept: Optional[bytes] = None) -> Deferred[list[WorkerReply]]:
+        """
+        Send the request to every worker that runs.
+
+        @return: Fires with one L{WorkerReply} per worker, in index order;
+            a worker that is not running (being started again) gets an
+            error reply without being asked.
+        """
+        asked: list[Deferred[WorkerReply]] = []
+        for state in self.supervisor.workers:
+            socketPath = self.supervisor.statusSocket(state.index)
+            if state.pid is None:
+                asked.append(succeed(WorkerReply(state.index, error="not running (being started again)")))
+            elif socketPath is None:
+                asked.append(succeed(WorkerReply(state.index, error="serves no status socket")))
+            else:
+                asked.append(self.client.fetch(state.index, socketPath, method, path, accept))
+        d: Deferred[Any] = DeferredList(asked, consumeErrors=True)
+
+        def replies(results: list[tuple[bool, Any]]) -> list[WorkerReply]:
+            out = []
+            for state, (ok, value) in zip(self.supervisor.workers, results):
+                if ok:
+                    out.append(value)
+                else:
+                    out.append(WorkerReply(state.index, error=f"failed: {value.getErrorMessage()}"))
+            return out
+
+        return d.addCallback(replies)
+
+
+# ---------------------------------------------------------------------------
+# Merging
+# ---------------------------------------------------------------------------
+
+
+def _labelled(family: Metric, worker: str) -> Iterator[Any]:
+    for sample in family.samples:
+        yield sample._replace(labels={**sample.labels, "worker": worker})
+
+
+def _addFamilies(merged: dict[str, Metric], families: Iterable[Metric], worker: str) -> None:
+    """
+    Add C{families}' samples, labelled C{worker}, to the families of the
+    same name in C{merged} (created from the first one seen).
+    """
+    for family in families:
+        into = merged.get(family.name)
+        if into is None:
+            into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+        elif into.type != family.type:
+            log.warn(
+                "Metric {name} is a {type} in worker {worker}, a {expected} elsewhere: left out",
+                name=family.name,
+                type=family.type,
+                worker=worker,
+                expected=into.type,
+            )
+            continue
+        into.samples.extend(_labelled(family, worker))
+
+
+def mergeMetrics(
+    replies: Sequence[WorkerReply], supervisor: Iterable[Metric], starts: Sequence[tuple[int, int]]
+) -> list[Metric]:
+    """
+    One set of metric families for all the workers.
+
+    @param replies: Every worker's answer to C{GET /metrics} in OpenMetrics.
+    @param supervisor: The supervisor's own families (labelled
+        C{worker="supervisor"}).
+    @param starts: (index, times started) of every worker.
+    @return: Every family of every worker that answered, each sample with
+        a C{worker} label; then the supervisor's; then
+        C{mtlsproxy_worker_up} (1 if the worker's metrics are in) and
+        C{mtlsproxy_worker_starts}.
+    """
+    merged: dict[str, Metric] = {}
+    up = GaugeMetricFamily(
+        "mtlsproxy_worker_up",
+        "1 if the worker answered the supervisor's scrape (its samples are in), else 0.",
+        labels=["worker"],
+    )
+    for reply in replies:
+        families: Optional[list[Metric]] = None
+        if reply.code == 200:
+            try:
+                families = list(text_string_to_metric_families(reply.body.decode("utf-8")))
+            except (UnicodeDecodeError, ValueError) as e:
+                log.warn("Worker {worker}: unreadable metrics: {error}", worker=reply.worker, error=e)
+        up.add_metric([str(reply.worker)], 0.0 if families is None else 1.0)
+        if families is not None:
+            _addFamilies(merged, families, str(reply.worker))
+    _addFamilies(merged, supervisor, "supervisor")
+    started = CounterMetricFamily(
+        "mtlsproxy_worker_starts",
+        "Times the supervisor started the worker (more than 1: it died and was started again).",
+        labels=["worker"],
+    )
+    for index, count in starts:
+        started.add_metric([str(index)], float(count))
+    return list(merged.values()) + [up, started]
+
+
+class _Families:
+    """
+    A collector of fixed families, to render merged ones with
+    C{prometheus_client}'s encoders.
+    """
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def renderMetrics(families: list[Metric], accept: Optional[str]) -> tuple[bytes, str]:
+    """
+    C{families} in the format the scraper's C{Accept} header asks for
+    (L{mtlsproxy.metrics.renderFor}).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))  # type: ignore[arg-type]
+    return renderFor(registry, accept)
+
+
+def _problemsOf(reply: WorkerReply) -> Optional[list[str]]:
+    """
+    A worker's readiness problems from its C{/readyz} answer: C{[]} when
+    ready, L{None} when it gave no readiness answer.
+    """
+    if reply.code == 200:
+        return []
+    if reply.code == 503:
+        text = reply.body.decode("utf-8", "replace").strip()
+        if text.startswith("not ready:"):
+            text = text[len("not ready:"):]
+        return [p.strip() for p in text.split(";") if p.strip()] or ["not ready"]
+    return None
+
+
+def mergeReadiness(replies: Sequence[WorkerReply], stopping: bool) -> tuple[bool, list[str]]:
+    """
+    Are all the workers ready, from their answers to C{GET /readyz}?
+
+    @param stopping: Whether the supervisor is shutting down.
+    @return: C{(ready, problems)}, each problem naming its worker.
+    """
+    problems = ["shutting down"] if stopping else []
+    for reply in replies:
+        own = _problemsOf(reply)
+        if own is None:
+            problems.append(f"worker {reply.worker}: {reply.describe()}")
+        else:
+            problems.extend(f"worker {reply.worker}: {p}" for p in own)
+    return (not problems, problems)
+
+
+def _sum(values: Iterable[Any]) -> Optional[int]:
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(numbers) if numbers else None  # type: ignore[return-value]
+
+
+def _mergeListeners(statuses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Each listener once: the first worker's entry, with C{active_connections}
+    summed and C{listening} true only if it is in every worker.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for status in statuses:
+        for listener in status.get("listeners", []):
+            name = listener.get("name")
+            merged.setdefault(name, dict(listener))
+            seen.setdefault(name, []).append(listener)
+    for name, entry in merged.items():
+        entry["active_connections"] = _sum(e.get("active_connections") for e in seen[name]) or 0
+        entry["listening"] = all(e.get("listening") for e in seen[name])
+    return list(merged.values())
+
+
+_SUMMED = ("active_connections", "total_connections", "failed_connections")
+_EVERY = ("healthy", "available")
+_ANY = ("draining", "ejected")
+
+
+def _mergePools(statuses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Each pool once, each member once: the first worker's entry, with the
+    connection counts summed, C{healthy} and C{available} true only if
+    they are in every worker, C{draining} and C{ejected} if they are in
+    any (each worker checks and ejects members on its own).
+    """
+    pools: dict[str, dict[str, Any]] = {}
+    members: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for status in statuses:
+        for pool in status.get("pools", []):
+            name = pool.get("name")
+            if name not in pools:
+                pools[name] = dict(pool)
+                members[name] = {}
+            else:
+                pools[name]["failing_open"] = pools[name].get("failing_open") or pool.get("failing_open")
+            for member in pool.get("members", []):
+                members[name].setdefault(member.get("member"), []).append(member)
+    for name, pool in pools.items():
+        merged = []
+        for entries in members[name].values():
+            entry = dict(entries[0])
+            for key in _SUMMED:
+                entry[key] = _sum(e.get(key) for e in entries)
+            for key in _EVERY:
+                entry[key] = all(e.get(key) for e in entries)
+            for key in _ANY:
+                entry[key] = any(e.get(key) for e in entries)
+            merged.append(entry)
+        pool["members"] = merged
+        pool["available_members"] = sum(1 for m in merged if m["available"])
+    return list(pools.values())
+
+
+def _iso(now: float) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def mergeStatus(
+    replies: Sequence[WorkerReply],
+    workers: Sequence[Any],
+    now: float,
+    startedAt: float,
+    stopping: bool,
+    supervisorPid: int,
+) -> dict[str, Any]:
+    """
+    One C{/status} for all the workers, from their answers to C{GET
+    /status}.
+
+    The keys of a single process's C{/status} keep their meaning:
+    C{ready} and C{problems} cover every worker (each problem naming its
+    worker; a worker that did not answer is one); C{state} is
+    C{draining} if the supervisor or any worker is; connection counts are
+    summed; listeners and pool members are merged (see L{_mergeListeners},
+    L{_mergePools}); C{certificates} and C{crls} are the first answering
+    worker's (all read the same files).  Added: C{supervisor} and
+    C{workers}, each worker's own report (or why there is none).
+
+    @param workers: The supervisor's L{mtlsproxy.workers.WorkerState}s, in
+        the order of C{replies}.
+    @param startedAt: When the supervisor started (clock time).
+    """
+    entries: list[dict[str, Any]] = []
+    statuses: list[dict[str, Any]] = []
+    problems = ["shutting down"] if stopping else []
+    for state, reply in zip(workers, replies):
+        entry: dict[str, Any] = {"worker": state.index, "pid": state.pid, "starts": state.starts}
+        status = reply.json() if reply.code == 200 else None
+        if isinstance(status, dict):
+            entry["status"] = status
+            statuses.append(status)
+            problems.extend(f"worker {state.index}: {p}" for p in status.get("problems", []))
+        else:
+            entry["error"] = reply.describe()
+            problems.append(f"worker {state.index}: {reply.describe()}")
+        entries.append(entry)
+    byListener: dict[str, int] = {}
+    for status in statuses:
+        for name, count in status.get("connections", {}).get("by_listener", {}).items():
+            byListener[name] = byListener.get(name, 0) + int(count)
+    first = statuses[0] if statuses else {}
+    draining = stopping or any(s.get("state") == "draining" for s in statuses)
+    return {
+        "version": __version__,
+        "time": _iso(now),
+        "state": "draining" if draining else "running",
+        "ready": not problems,
+        "problems": problems,
+        "uptime_seconds": round(now - startedAt, 3),
+        "listeners": _mergeListeners(statuses),
+        "pools": _mergePools(statuses),
+        "connections": {
+            "active": sum(int(s.get("connections", {}).get("active", 0)) for s in statuses),
+            "by_listener": byListener,
+        },
+        "certificates": first.get("certificates", []),
+        "crls": first.get("crls", []),
+        "supervisor": {"pid": supervisorPid, "workers": len(workers)},
+        "workers": entries,
+    }
+
+
+def mergeControl(replies: Sequence[WorkerReply]) -> tuple[int, dict[str, Any]]:
+    """
+    One answer to C{POST /members/...} forwarded to every worker.
+
+    @return: The status code and the JSON body: when every worker gave the
+        same code (200 applied, 404 unknown pool or member), that code and
+        the first worker's answer; otherwise 502 and an C{error} naming the
+        workers that did not apply it.  Either way C{workers} holds each
+        worker's code and answer, or why there is none.
+    """
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for reply in replies:
+        if reply.answered:
+            results.append({"worker": reply.worker, "code": reply.code, "answer": reply.json()})
+        else:
+            results.append({"worker": reply.worker, "error": reply.describe()})
+    codes = {r.code for r in replies}
+    if len(codes) == 1 and None not in codes and replies:
+        first = replies[0].json()
+        body = dict(first) if isinstance(first, dict) else {}
+        body["workers"] = results
+        return replies[0].code or 502, body
+    for reply in replies:
+        if reply.code != 200:
+            failed.append(f"worker {reply.worker}: {reply.describe()}")
+    return 502, {"error": "not every worker applied it: " + "; ".join(failed), "workers": results}
+
+
+# ---------------------------------------------------------------------------
+# The web resources
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Answer:
+    code: int
+    contentType: bytes
+    body: bytes
+    cache: bool = False
+
+
+class _FanInPage(Resource):
+    """
+    A page answered once every worker has: L{answer} makes the answer.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, fanIn: FanIn) -> None:
+        super().__init__()
+        self.fanIn = fanIn
+
+    def answer(self, request: Request) -> Deferred[_Answer]:
+        raise NotImplementedError()
+
+    def render_GET(self, request: Request) -> Any:
+        return self._respond(request, self.answer(request))
+
+    def _respond(self, request: Request, answering: Deferred[_Answer]) -> Any:
+        gone: list[object] = []
+        request.notifyFinish().addBoth(gone.append)
+
+        def write(answer: _Answer) -> None:
+            if gone:
+                return  # The client went away meanwhile.
+            request.setResponseCode(answer.code)
+            request.setHeader(b"content-type", answer.contentType)
+            if not answer.cache:
+                request.setHeader(b"cache-control", b"no-store")
+            request.write(answer.body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("Status endpoint: merging the workers' answers failed", failure)
+            write(_Answer(500, b"text/plain; charset=utf-8", b"internal error; see the supervisor's log\n"))
+
+        answering.addCallback(write).addErrback(failed)
+        return NOT_DONE_YET
+
+
+def _jsonAnswer(code: int, data: Any) -> _Answer:
+    return _Answer(code, b"application/json", json.dumps(data, indent=2).encode("utf-8") + b"\n")
+
+
+class _Status(_FanInPage):
+    def answer(self, request: Request) -> Deferred[_Answer]:
+        fanIn = self.fanIn
+
+        def merge(replies: list[WorkerReply]) -> _Answer:
+            supervisor = fanIn.supervisor
+            return _jsonAnswer(
+                200,
+                mergeStatus(
+                    replies,
+                    supervisor.workers,
+                    fanIn.clock.seconds(),
+                    supervisor.startedAt,
+                    supervisor.stopping,
+                    os.getpid(),
+                ),
+            )
+
+        return fanIn.ask(b"GET", b"/status").addCallback(merge)
+
+
+class _Metrics(_FanInPage):
+    def answer(self, request: Request) -> Deferred[_Answer]:
+        fanIn = self.fanIn
+        accept = request.getHeader(b"accept")
+
+        def merge(replies: list[WorkerReply]) -> _Answer:
+            families = mergeMetrics(
+                replies,
+                fanIn.registry.collect(),
+                [(state.index, state.starts) for state in fanIn.supervisor.workers],
+            )
+            body, contentType = renderMetrics(
+                families, accept.decode("latin-1") if accept is not None else None
+            )
+            return _Answer(200, contentType.encode("ascii"), body, cache=True)
+
+        return fanIn.ask(b"GET", b"/metrics", OPENMETRICS).addCallback(merge)
+
+
+class _Readyz(_FanInPage):
+    def answer(self, request: Request) -> Deferred[_Answer]:
+        fanIn = self.fanIn
+
+        def merge(replies: list[WorkerReply]) -> _Answer:
+            ready, problems = mergeReadiness(replies, fanIn.supervisor.stopping)
+            text = "ready\n" if ready else "not ready: " + "; ".join(problems) + "\n"
+            return _Answer(200 if ready else 503, b"text/plain; charset=utf-8", text.encode("utf-8"))
+
+        return fanIn.ask(b"GET", b"/readyz").addCallback(merge)
+
+
+class _Members(_FanInPage):
+    """
+    C{POST /members/<pool>/<address>:<port>/drain} and C{.../enable},
+    checked as a single process checks them, then sent to every worker.
+    """
+
+    def __init__(self, fanIn: FanIn, controlAllowed: Callable[[], bool]) -> None:
+        super().__init__(fanIn)
+        self.controlAllowed = controlAllowed
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"allow", b"POST")
+        return _json(request, 405, {"error": "use POST"})
+
+    def render_POST(self, request: Request) -> Any:
+        if not self.controlAllowed():
+            return _json(
+                request,
+                403,
+                {"error": "member control needs a loopback status endpoint or client certificates"},
+            )
+        if request.getHeader(b"origin") is not None:
+            return _json(request, 403, {"error": "cross-origin requests are refused"})
+        path = request.postpath or []
+        if len(path) != 3 or path[2] not in (b"drain", b"enable"):
+            return _json(
+                request, 404, {"error": "expected /members/<pool>/<address>:<port>/drain or /enable"}
+            )
+        self.log.info(
+            "Status API: {action} pool {pool} member {member} in every worker",
+            action=path[2].decode("ascii"),
+            pool=path[0].decode("utf-8", "replace"),
+            member=path[1].decode("utf-8", "replace"),
+        )
+
+        def merge(replies: list[WorkerReply]) -> _Answer:
+            code, body = mergeControl(replies)
+            return _jsonAnswer(code, body)
+
+        # request.path as the client sent it (still quoted).
+        return self._respond(request, self.fanIn.ask(b"POST", request.path).addCallback(merge))
+
+
+class FanInResource(Resource):
+    """
+    The root of the supervisor's status site: C{status}, C{metrics},
+    C{healthz}, C{readyz} and C{members}, over every worker.
+    """
+
+    def __init__(self, fanIn: FanIn, controlAllowed: Callable[[], bool]) -> None:
+        """
+        @param controlAllowed: Tells whether C{POST /members/...} may act
+            (L{mtlsproxy.status.StatusService.controlAllowed}).
+        """
+        super().__init__()
+        self.fanIn = fanIn
+        self.putChild(b"status", _Status(fanIn))
+        self.putChild(b"metrics", _Metrics(fanIn))
+        self.putChild(b"healthz", _Healthz())
+        self.putChild(b"readyz", _Readyz(fanIn))
+        self.putChild(b"members", _Members(fanIn, controlAllowed))
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"mtlsproxy status (all workers): /status /metrics /healthz /readyz\n"
+
+
+def supervisorStatusService(
+    reactor: Any, supervisor: Any, statusConfig: Any, material: Any, timeout: float = 2.0
+) -> StatusService:
+    """
+    The supervisor's status endpoint: the configured C{[status]} endpoint
+    (with its TLS material, L{mtlsproxy.status.loadStatusMaterial}) serving
+    L{FanInResource} over the workers of C{supervisor}.
+
+    @param timeout: Seconds each worker has to answer.
+    """
+    fanIn = FanIn(supervisor, WorkerStatusClient(reactor, timeout), reactor)
+    return StatusService(
+        reactor,
+        None,
+        None,
+        statusConfig,
+        material,
+        resource=lambda controlAllowed: FanInResource(fanIn, controlAllowed),
+    )
