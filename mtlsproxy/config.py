@@ -1274,8 +1274,9 @@ class ProxyConfig:
     @ivar expiry_warning_days: Certificates and CRLs that expire within this
         many days are logged as warnings at start-up, on reload and daily.
     @ivar workers: How many worker processes serve the listeners (an
-        integer from 1 to 256, or C{"auto"} for one per CPU core); 1 runs
-        everything in the twistd process itself (see
+        integer from 1 to 256, or C{"auto"}, the default, for one per CPU
+        core); 1 runs everything in the twistd process itself, and so does
+        C{"auto"} on a machine with one core (see
         C{docs/performance.md} and L{mtlsproxy.workers}).
     """
 
@@ -1312,7 +1313,7 @@ class ProxyConfig:
     expiry_warning_days: int = attrs.field(
         default=30, validator=_integer(0, 3650), metadata=_key()
     )
-    workers: int | str = attrs.field(default=1, validator=_workersValue, metadata=_key())
+    workers: int | str = attrs.field(default="auto", validator=_workersValue, metadata=_key())
 
     def __attrs_post_init__(self) -> None:
         """

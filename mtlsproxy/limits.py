@@ -391,16 +391,21 @@ def checkFileLimit(
     listeners: Iterable[Any],
     getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
     setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+    *,
+    workers: int = 1,
 ) -> FileLimit:
     """
     Make room for the C{max_connections} of C{listeners}
     (L{mtlsproxy.config.ListenerConfig}s) with L{ensureFileLimit}, and log
     what was done: an info event when the limit was raised, a warning when
     it is still too low (connections beyond it fail with C{EMFILE}).
+
+    @param workers: How many worker processes share the listeners: this
+        process needs room for its share of each C{max_connections}.
     """
     listeners = list(listeners)
     limit = ensureFileLimit(
-        descriptorsNeeded(listener.max_connections for listener in listeners),
+        descriptorsNeeded(-(-listener.max_connections // workers) for listener in listeners),
         getrlimit,
         setrlimit,
     )

@@ -154,6 +154,7 @@ class ProxyService(MultiService):
         inherited: Optional[dict[str, Any]] = None,
         workerIndex: Optional[int] = None,
         statusSocket: Optional[str] = None,
+        workerCount: int = 1,
     ) -> None:
         """
         @param inherited: In a worker process (L{mtlsproxy.workers}): the
@@ -164,6 +165,10 @@ class ProxyService(MultiService):
         @param statusSocket: In a worker process with C{[status]}, the path
             of the private UNIX socket where it serves its status site to
             the supervisor (L{mtlsproxy.fanin}).
+        @param workerCount: In a worker process, how many workers share the
+            listeners: each holds at most its share of a listener's
+            C{max_connections} (rounded up), so that the listener's limit
+            holds for all of them together.
         """
         MultiService.__init__(self)
         self._reactor = reactor
@@ -171,6 +176,7 @@ class ProxyService(MultiService):
         self.inherited = dict(inherited or {})
         self.workerIndex = workerIndex
         self.statusSocket = statusSocket
+        self.workerCount = max(1, workerCount)
         config = loaded.config
         # Operations (docs/operations.md): metrics, live connections, drain.
         self.metrics = ProxyMetrics()
@@ -249,12 +255,13 @@ class ProxyService(MultiService):
         for the life of the service (a reload that changes
         C{max_connections} updates it).
         """
+        share = -(-listenerConfig.max_connections // self.workerCount)
         gate = self.gates.get(listenerConfig.name)
         if gate is None:
-            gate = ConnectionGate(listenerConfig.name, listenerConfig.max_connections, self._reactor)
+            gate = ConnectionGate(listenerConfig.name, share, self._reactor)
             self.gates[listenerConfig.name] = gate
-        elif gate.maxConnections != listenerConfig.max_connections:
-            gate.maxConnections = listenerConfig.max_connections
+        elif gate.maxConnections != share:
+            gate.maxConnections = share
         return gate
 
     def _factoryFor(self, listenerConfig: Any) -> Any:
@@ -321,7 +328,7 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         for warning in self.loaded.warnings:
             self.log.warn("Configuration warning: {text}", text=warning)
-        checkFileLimit(self.loaded.config.listeners)
+        checkFileLimit(self.loaded.config.listeners, workers=self.workerCount)
         MultiService.startService(self)
 
     def _startOperations(self, config: Any) -> None:

@@ -37,6 +37,13 @@ class Options(usage.Options):
             'Log format, "text" or "json" (one JSON object per line); default the'
             " configuration's [logging] format, else text.",
         ],
+        [
+            "workers",
+            None,
+            None,
+            'Worker processes, N (1 to 256) or "auto" (one per CPU core): overrides the'
+            " configuration's workers.",
+        ],
         ["worker", None, None, "(internal) Run as worker process N of a supervisor (workers > 1)."],
         ["supervisor", None, None, "(internal) The supervisor's process id, with --worker."],
         ["inherit", None, None, "(internal) The listening sockets a worker inherits, with --worker."],
@@ -56,6 +63,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f'--log-format must be "text" or "json", not {self["log-format"]!r}'
             )
+        if self["workers"] is not None:
+            self["workers"] = _workersOption(self["workers"])
         if self["worker"] is not None:
             from .workers import decodeInherited
 
@@ -77,6 +86,23 @@ class Options(usage.Options):
             twistdOptions["logger"] = "mtlsproxy.logs.twistdLogger"
 
 
+def _workersOption(text: str) -> int | str:
+    """
+    The value of C{--workers}: an integer from 1 to 256 or C{"auto"}.
+
+    @raise usage.UsageError: For anything else.
+    """
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 256:
+        raise usage.UsageError(f'--workers must be an integer from 1 to 256 or "auto", not {text!r}')
+    return value
+
+
 def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
     """
     With C{workers} more than 1 (and not a worker ourselves), the
@@ -94,14 +120,14 @@ def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
         exitWithParent()
         return None
     config = loaded.config
-    count = workerCount(config.workers)
+    count = workerCount(options["workers"] if options["workers"] is not None else config.workers)
     if count <= 1:
         return None
     supervisor = WorkerSupervisor(
         reactor,
         [(listener.name, listener.endpoint) for listener in config.listeners],
         count,
-        partial(workerArguments, getattr(options, "parent", None), options),
+        partial(workerArguments, getattr(options, "parent", None), options, workers=count),
         drainTimeout=config.drain_timeout,
         statusSockets=config.status is not None,
     )
@@ -145,6 +171,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
                 inherited=options["worker"] is not None and options["inherit"] or None,
                 workerIndex=options["worker"],
                 statusSocket=options["status-socket"] if options["worker"] is not None else None,
+                workerCount=(options["workers"] or 1) if options["worker"] is not None else 1,
             )
             if options["worker"] is not None:
                 from .workers import ParentWatcher

@@ -230,6 +230,7 @@ def workerArguments(
     inherited: dict[str, InheritedListener],
     supervisorPid: int,
     statusSocket: Optional[str] = None,
+    workers: Optional[int] = None,
 ) -> list[str]:
     """
     The command line of worker C{index}: this Python running twistd in the
@@ -242,6 +243,8 @@ def workerArguments(
     @param pluginOptions: The C{mtlsproxy} plugin's options.
     @param statusSocket: Where the worker serves its status site for the
         supervisor, or L{None} for nowhere.
+    @param workers: How many workers there are (C{--workers}: each worker
+        takes its share of every listener's C{max_connections}).
     """
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     if twistdOptions is not None:
@@ -270,6 +273,8 @@ def workerArguments(
     ]
     if statusSocket is not None:
         argv += ["--status-socket", statusSocket]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     return argv
 
 

@@ -177,8 +177,7 @@ class ProxyProcess:
     def start(self, listeners: int = 1, timeout: float = 20.0,
               env: Optional[dict[str, str]] = None) -> "ProxyProcess":
         self.process = subprocess.Popen(
-            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logfile,
-             "mtlsproxy", "--config", self.config],
+            self.command(),
             cwd=self.directory,
             env=env,
             stdout=subprocess.PIPE,
@@ -196,6 +195,19 @@ class ProxyProcess:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"proxy did not start listening:\n{self.log()}")
+
+    def command(self) -> list[str]:
+        """
+        The twistd command line.  A configuration without a C{workers} line
+        runs in one process (C{--workers 1}), whatever the machine's cores
+        (the default, C{"auto"}, would start one worker per core): the
+        tests of one feature expect one process's log, counts and choices.
+        """
+        with open(self.config) as f:
+            text = f.read()
+        single = [] if re.search(r"^\s*workers\s*=", text, re.MULTILINE) else ["--workers", "1"]
+        return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logfile,
+                "mtlsproxy", "--config", self.config, *single]
 
     def log(self) -> str:
         """

@@ -155,8 +155,7 @@ class LimitedProxyProcess(ProxyProcess):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
         self.process = subprocess.Popen(
-            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logfile,
-             "mtlsproxy", "--config", self.config],
+            self.command(),
             cwd=self.directory,
             env=env,
             stdout=subprocess.PIPE,

@@ -345,7 +345,7 @@ class JSONLogTests(SynchronousTestCase):
             f.write(tcpConfig([self.backend]))
         process = subprocess.Popen(
             [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logger",
-             "mtlsproxy.logs.jsonLogger", "mtlsproxy", "--config", config],
+             "mtlsproxy.logs.jsonLogger", "mtlsproxy", "--config", config, "--workers", "1"],
             cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self.addCleanup(lambda: process.poll() is None and process.kill())

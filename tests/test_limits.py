@@ -383,6 +383,15 @@ class FileLimitTests(SynchronousTestCase):
         self.assertEqual(warning["needed"], 6100)
         self.assertEqual(warning["connections"], (4096 - 100) // 2)
 
+    def test_checkWorkersShare(self) -> None:
+        """
+        When the listeners are shared by worker processes, each process
+        needs room for its share of max_connections (rounded up) only.
+        """
+        listeners = [ListenerConfig("a", "tcp:0", "tcp", "p", max_connections=3001)]
+        limit = checkFileLimit(listeners, self.getrlimit, self.setrlimit, workers=2)
+        self.assertEqual(limit.needed, 2 * 1501 + 100)
+
     def test_checkQuietWhenEnough(self) -> None:
         """
         When the limit is enough already, nothing is logged.

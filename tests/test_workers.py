@@ -51,12 +51,29 @@ class SettingTests(SynchronousTestCase):
             )
         return loadConfig(path)
 
-    def test_defaultIsOne(self) -> None:
+    def test_one(self) -> None:
         """
-        When C{workers} is not set, one process serves everything.
+        When C{workers = 1}, one process serves everything.
         """
         config = self._config("1")
         self.assertEqual(workerCount(config.workers), 1)
+
+    def test_defaultIsOnePerCore(self) -> None:
+        """
+        When C{workers} is not set, it is C{"auto"}: one process per core,
+        and on a one-core machine the twistd process alone.
+        """
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "mtlsproxy.toml")
+        with open(path, "w") as f:
+            f.write(
+                '[[listeners]]\nname = "l"\nendpoint = "tcp:0"\nprotocol = "tcp"\npool = "p"\n'
+                '[[pools]]\nname = "p"\n[[pools.members]]\naddress = "127.0.0.1"\nport = 1\n'
+            )
+        config = loadConfig(path)
+        self.assertEqual(config.workers, "auto")
+        self.assertEqual(workerCount(config.workers, cpuCount=4), 4)
+        self.assertEqual(workerCount(config.workers, cpuCount=1), 1)
 
     def test_number(self) -> None:
         """
@@ -125,8 +142,69 @@ class InheritTests(SynchronousTestCase):
 
 class WorkerOptionsTests(SynchronousTestCase):
     """
-    The worker's status socket on its command line and in its service.
+    The worker's status socket on its command line and in its service; the
+    C{--workers} option.
     """
+
+    def test_workersOption(self) -> None:
+        """
+        When C{--workers} is given, it is a number from 1 to 256 or
+        C{"auto"}; anything else is a usage error naming the option.
+        """
+        from twisted.python import usage
+
+        from mtlsproxy.tap import Options
+
+        for text, expected in (("1", 1), ("16", 16), ("auto", "auto")):
+            options = Options()
+            options.parseOptions(["--config", "x", "--workers", text])
+            self.assertEqual(options["workers"], expected)
+        for text in ("0", "257", "many", "-1"):
+            with self.assertRaises(usage.UsageError) as raised:
+                Options().parseOptions(["--config", "x", "--workers", text])
+            self.assertIn("--workers", str(raised.exception))
+
+    def test_workersOptionOverridesConfig(self) -> None:
+        """
+        When C{--workers 1} is given, a configuration asking for two runs in
+        one process; C{--workers 2} starts a supervisor for a configuration
+        that asks for one, and its workers are told how many there are.
+        """
+        from mtlsproxy.service import ProxyService
+        from mtlsproxy.tap import Options, makeService
+
+        from .test_drain import CONFIG
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for inFile, option, expected in (("2", "1", ProxyService), ("1", "2", WorkerSupervisor)):
+            path = os.path.join(directory, f"p{inFile}.toml")
+            with open(path, "w") as f:
+                f.write(f"workers = {inFile}\n" + CONFIG)
+            options = Options()
+            options.parseOptions(["--config", path, "--workers", option])
+            service = makeService(options, _Reactor())
+            self.assertIsInstance(service, expected)
+        argv = service._arguments(1, {}, 42, None)  # type: ignore[attr-defined]
+        self.assertEqual(argv[argv.index("--workers") + 1], "2")
+
+    def test_workerTakesItsShareOfMaxConnections(self) -> None:
+        """
+        When a worker is one of N, each listener's C{max_connections} is
+        shared: the worker admits at most its share, rounded up, so the
+        listener's limit holds for all the workers together.
+        """
+        from mtlsproxy.service import ProxyService
+
+        from .test_drain import CONFIG, makeProxy
+
+        proxy, reactor = makeProxy(self, CONFIG)
+        [listener] = proxy.loaded.config.listeners
+        limit = listener.max_connections
+        for count, share in ((1, limit), (2, -(-limit // 2)), (3, -(-limit // 3))):
+            worker = ProxyService(reactor, proxy.loaded, workerIndex=0, workerCount=count)
+            self.assertEqual(worker._gateFor(listener).maxConnections, share)
+        self.assertEqual(ProxyService(reactor, proxy.loaded)._gateFor(listener).maxConnections, limit)
 
     def test_statusSocketArgument(self) -> None:
         """
