@@ -165,7 +165,10 @@ def writePKI(directory: str) -> dict[str, str]:
 
 
 def proxyConfig(paths: dict[str, str], backendPort: int, maxConnections: int) -> str:
+    # One process: the soak measures that process's descriptors and memory.
     return f"""
+workers = 1
+
 [[listeners]]
 name = "soak"
 endpoint = "tcp:0:interface=127.0.0.1:backlog=4096"
