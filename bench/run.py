@@ -20,15 +20,25 @@ What it does, all on 127.0.0.1 and bounded in time:
     client without a certificate are refused); a proxy that fails them is
     not measured;
  4. measures full and resumed mTLS handshakes per second (and per proxy
-    CPU-second, from C{/proc/PID/stat}), bulk throughput with 1 and 8
+    CPU-second, from C{/proc/PID/stat}; for mtlsproxy and the naive
+    forwarder, split into the CPU inside OpenSSL's C{do_handshake} and the
+    rest, with the probe in C{bench/probe/}), bulk throughput with 1 and 8
     streams in each direction, 1 KiB round-trip latency over 32 connections
     at a fixed rate, and memory per idle mTLS connection; the same tests
     against the backends directly ("direct") show what the load generator and
-    backends can do without a proxy;
+    backends can do without a proxy; the same against a naive Twisted
+    forwarder (L{bench.naive}: Twisted's C{portforward} behind C{listenSSL},
+    the same TLS job, no features) show Twisted's own per-connection floor;
  5. measures what OpenSSL alone needs per server handshake (L{bench.tlscost})
     and mtlsproxy with 1 and 2 worker processes on both cores;
  6. prints a table with the ratios to HAProxy and writes everything to
     C{bench/results/<time>.json}.
+
+The handshake split: for the C{handshakes} and C{resumed} tests (and the
+worker scaling), mtlsproxy and the naive forwarder run with C{bench/probe} on
+C{PYTHONPATH}; its C{sitecustomize} wraps C{OpenSSL.SSL.Connection.do_handshake}
+and writes the thread CPU time spent inside it, per process, to a file read
+at both ends of the measured window.  The other tests run without it.
 
 HAProxy and stunnel are used when installed
 (C{apt-get install haproxy stunnel4}); the table says so when they are not.
@@ -37,6 +47,7 @@ HAProxy and stunnel are used when installed
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -68,6 +79,9 @@ PYTHON = sys.executable
 BIN = os.path.dirname(PYTHON)
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+PROBE = os.path.join(BENCH, "probe")
+"""Put on a proxy's C{PYTHONPATH} to time C{do_handshake} (C{bench/probe/sitecustomize.py})."""
 
 PROXY_CORE = "0"
 CLIENT_CORE = "1"
@@ -191,6 +205,33 @@ def memoryKiB(pid: int) -> float:
     return total
 
 
+def readProbe(prefix: str) -> tuple[int, float]:
+    """
+    The C{do_handshake} calls and the CPU seconds spent inside them so far,
+    summed over every process's probe file (C{prefix.<pid>}, written by
+    C{bench/probe/sitecustomize.py}).
+    """
+    directory, base = os.path.split(prefix)
+    calls, seconds = 0, 0.0
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(base + ".") and n[len(base) + 1:].isdigit()]
+    except OSError:
+        return 0, 0.0
+    for name in names:
+        for _ in range(5):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    fields = f.read().split()
+                if len(fields) == 3 and fields[0] == fields[2]:
+                    calls += int(fields[0])
+                    seconds += float(fields[1])
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.001)  # a torn record: read again
+    return calls, seconds
+
+
 def loadAverage() -> list[float]:
     """
     The 1, 5 and 15 minute load averages.
@@ -270,11 +311,14 @@ LISTENERS = ("echo", "sink", "source")
 
 
 def mtlsproxyConfig(paths: dict[str, str], routes: dict[str, tuple[int, int]], workers: Optional[int] = None,
-                    sessionTickets: bool = False) -> str:
+                    sessionTickets: bool = True) -> str:
     """
     An mtlsproxy configuration: one mTLS listener per backend, client
     certificate required, CRLs checked.  C{routes} maps a name to
-    (listening port, backend port).
+    (listening port, backend port).  C{session_tickets} is always written:
+    C{true} (the product's default, stateless TLS 1.3 tickets) unless
+    C{sessionTickets} is false (OpenSSL's stateful session cache,
+    C{--stateful-sessions}).
     """
     text = ""
     if workers is not None:
@@ -289,7 +333,7 @@ pool = "{name}"
 client_auth = "required"
 ca_certificates = ["{paths['ca']}"]
 crls = ["{paths['crls']}"]
-{"session_tickets = true" if sessionTickets else ""}
+session_tickets = {"true" if sessionTickets else "false"}
 
 [[listeners.certificates]]
 cert = "{paths['serverChain']}"
@@ -373,6 +417,8 @@ class Proxy:
 
     name = ""
     tls = True
+    probeable = False
+    """Whether it runs on the venv's Python, so C{bench/probe} can time its C{do_handshake}."""
 
     def __init__(self, work: str, paths: dict[str, str], backendPorts: dict[str, int]) -> None:
         self.work = os.path.join(work, self.name)
@@ -383,6 +429,10 @@ class Proxy:
         self.ports: dict[str, int] = {}
         self.core: Optional[str] = PROXY_CORE
         self.environment: Optional[dict[str, str]] = None
+        self.pythonPath: list[str] = []
+        self.probePath: Optional[str] = None
+        """With the probe (C{probeable} only): where its files go (C{probePath.<pid>})."""
+        self.starts = 0
         self.profileTo: Optional[str] = None
         self.pySpy = ""
         self.profiler: Optional[subprocess.Popen[Any]] = None
@@ -403,7 +453,7 @@ class Proxy:
         argv = pinned(self.core, self.command(routes))
         self.logFile = open(os.path.join(self.work, "output.log"), "ab")
         self.process = subprocess.Popen(argv, cwd=self.work, stdout=self.logFile, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=self.environment)
+                                        stdin=subprocess.DEVNULL, env=self.processEnvironment())
         try:
             waitForPorts(list(self.ports.values()), self.process)
             if self.profileTo is not None:
@@ -418,6 +468,37 @@ class Proxy:
             with open(os.path.join(self.work, "output.log"), errors="replace") as f:
                 tail = f.read()[-3000:]
             raise RuntimeError(f"{self.name} did not start: {e}\n{tail}") from None
+
+    def processEnvironment(self) -> Optional[dict[str, str]]:
+        """
+        The proxy's environment: C{self.environment} (or ours) with
+        C{self.pythonPath} and, with C{self.probePath} set, the probe's
+        directory added in front of C{PYTHONPATH} (the virtualenv's
+        site-packages still come after them) and C{MTLSPROXY_BENCH_PROBE}.
+        """
+        paths = list(self.pythonPath)
+        if self.probePath is not None:
+            paths.append(PROBE)
+        if not paths and "MTLSPROXY_BENCH_PROBE" not in os.environ:
+            return self.environment
+        env = dict(self.environment if self.environment is not None else os.environ)
+        env.pop("MTLSPROXY_BENCH_PROBE", None)
+        if self.probePath is not None:
+            self.starts += 1
+            self.probeFiles = f"{self.probePath}-{self.starts}"
+            env["MTLSPROXY_BENCH_PROBE"] = self.probeFiles
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        return env
+
+    def probe(self) -> Optional[tuple[int, float]]:
+        """
+        The probe's cumulative (C{do_handshake} calls, CPU seconds inside
+        them) over this start's processes, or L{None} without the probe.
+        """
+        if self.probePath is None or self.process is None:
+            return None
+        return readProbe(self.probeFiles)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -452,51 +533,77 @@ class Proxy:
         return ""
 
 
+_logNumbers = itertools.count(1)
+"""Numbers mtlsproxy's log files, one per start (L{MTLSProxy.command})."""
+
+
 class MTLSProxy(Proxy):
     """
-    mtlsproxy itself, C{twistd -n mtlsproxy} (optionally with C{workers}).
+    mtlsproxy itself, C{twistd -n mtlsproxy}: one process (C{workers = 1},
+    written explicitly since the product's default is now one worker per
+    core), or C{workers} processes for the scaling test.
     """
     name = "mtlsproxy"
 
     workers: Optional[int] = None
+    """C{workers} in the configuration; L{None} means 1 (omitted for an older C{source} without the setting)."""
     source: Optional[str] = None
     """Another checkout to run mtlsproxy from (C{--mtlsproxy-source})."""
-    logOffset = 0
-    sessionTickets = False
-    """C{session_tickets = true} on every listener (C{--session-tickets})."""
+    probeable = True
+    sessionTickets = True
+    """C{session_tickets} on every listener: C{true} (the product's default), C{false} with C{--stateful-sessions}."""
 
     def _command(self, routes: dict[str, tuple[int, int]]) -> list[str]:
         config = os.path.join(self.work, "mtlsproxy.toml")
         with open(config, "w") as f:
-            f.write(mtlsproxyConfig(self.paths, routes, self.workers, self.sessionTickets))
+            f.write(mtlsproxyConfig(self.paths, routes, self.workerSetting(), self.sessionTickets))
+        self.pythonPath = [self.source] if self.source else []
+        return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logPath,
+                "mtlsproxy", "--config", config]
+
+    def workerSetting(self) -> Optional[int]:
+        """
+        What C{workers} the configuration says: C{self.workers}, else 1,
+        except for a C{--mtlsproxy-source} checkout from before the setting
+        existed (it would refuse the key; it runs one process anyway).
+        """
+        if self.workers is not None:
+            return self.workers
         if self.source:
-            self.environment = dict(os.environ, PYTHONPATH=self.source)
-        return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile",
-                os.path.join(self.work, "mtlsproxy.log"), "mtlsproxy", "--config", config]
+            try:
+                with open(os.path.join(self.source, "mtlsproxy", "config.py")) as f:
+                    if "workers" not in f.read():
+                        return None
+            except OSError:
+                pass
+        return 1
 
     def start(self) -> None:
         super().start()
         # With workers, the supervisor's sockets accept into their backlog
-        # before the workers run: wait until every worker listens.
+        # before the workers run: wait until every worker listens.  Workers
+        # log to LOG.worker-I beside the supervisor's LOG (older versions:
+        # to LOG itself); each start has a log of its own, so neither an
+        # earlier start's lines nor twistd's rotation (at 1 MB) can mislead.
         expected = len(LISTENERS) * (self.workers or 1)
-        logPath = os.path.join(self.work, "mtlsproxy.log")
+        directory, base = os.path.split(self.logPath)
         deadline = time.monotonic() + 60.0
         while time.monotonic() < deadline:
-            try:
-                with open(logPath, errors="replace") as f:
-                    text = f.read()[self.logOffset:]
-            except FileNotFoundError:
-                text = ""
-            if text.count(") listening on ") >= expected:
+            ready = 0
+            for name in os.listdir(directory):
+                if name == base or name.startswith(base + ".worker-"):
+                    try:
+                        with open(os.path.join(directory, name), errors="replace") as f:
+                            ready += f.read().count(") listening on ")
+                    except OSError:
+                        pass
+            if ready >= expected:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"mtlsproxy: fewer than {expected} listeners ready after 60 s")
 
     def command(self, routes: dict[str, tuple[int, int]]) -> list[str]:
-        try:
-            self.logOffset = os.path.getsize(os.path.join(self.work, "mtlsproxy.log"))
-        except OSError:
-            self.logOffset = 0
+        self.logPath = os.path.join(self.work, f"mtlsproxy-{next(_logNumbers)}.log")
         return self._command(routes)
 
     def version(self) -> str:
@@ -557,6 +664,31 @@ class Stunnel(Proxy):
             return ""
         lines = run([binary, "-version"]).splitlines()
         return "; ".join(line.strip() for line in lines if line.startswith(("stunnel", "Compiled with", "Running  with", "Running with")))
+
+
+class Naive(Proxy):
+    """
+    A naive Twisted forwarder (L{bench.naive}): C{portforward.ProxyFactory}
+    behind C{reactor.listenSSL}, the same TLS job (client certificate
+    required, CA file, CRLs with C{CRL_CHECK_ALL}, TLS 1.2 minimum), no
+    access log, none of mtlsproxy's features: Twisted's per-connection
+    floor.  A baseline, not a secure proxy: it connects to the backend
+    before the handshake has completed.
+    """
+    name = "naive"
+    probeable = True
+
+    def command(self, routes: dict[str, tuple[int, int]]) -> list[str]:
+        config = os.path.join(self.work, "naive.json")
+        with open(config, "w") as f:
+            json.dump({"routes": routes, **{k: self.paths[k] for k in ("serverChain", "serverKey", "ca", "crls")}}, f)
+        return [PYTHON, os.path.join(BENCH, "naive.py"), config]
+
+    def version(self) -> str:
+        import twisted
+
+        return (f"naive Twisted portforward (Twisted {twisted.__version__},"
+                f" {SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()})")
 
 
 class Direct(Proxy):
@@ -791,18 +923,24 @@ class Bench:
         time at both ends.
         """
         time.sleep(max(0.0, startAt - time.monotonic()))
+        probeStart = proxy.probe() if proxy is not None else None
         proxyStart = cpuOf(proxy.pid) if proxy is not None and proxy.process else 0.0
         backendStart = cpuOf(self.backendPid)
         wallStart = time.monotonic()
         time.sleep(max(0.0, endAt - time.monotonic()))
         wall = time.monotonic() - wallStart
         proxyCPU = (cpuOf(proxy.pid) - proxyStart) if proxy is not None and proxy.process else 0.0
-        return {
+        probeEnd = proxy.probe() if proxy is not None else None
+        window = {
             "proxyCPU": proxyCPU,
             "proxyUtilisation": proxyCPU / wall,
             "backendCPU": cpuOf(self.backendPid) - backendStart,
             "wall": wall,
         }
+        if probeStart is not None and probeEnd is not None:
+            window["doHandshakeCalls"] = probeEnd[0] - probeStart[0]
+            window["doHandshakeCPU"] = probeEnd[1] - probeStart[1]
+        return window
 
     def handshakes(self, proxy: Proxy, resume: bool, clients: int = 1, core: Optional[str] = CLIENT_CORE) -> dict[str, Any]:
         """
@@ -838,6 +976,12 @@ class Bench:
         combined["clientCoreBusy"] = (clientCPU + window["backendCPU"]) / window["wall"]
         if window["proxyCPU"] > 0:
             combined["perProxyCPUSecond"] = count / window["proxyCPU"]
+        if "doHandshakeCPU" in window and count > 0 and window["doHandshakeCalls"] > 0:
+            # The handshake split: CPU inside OpenSSL's do_handshake (with
+            # any verify callback it calls) and the rest of the proxy's CPU.
+            combined["opensslUsPerHandshake"] = window["doHandshakeCPU"] / count * 1e6
+            combined["restUsPerHandshake"] = (window["proxyCPU"] - window["doHandshakeCPU"]) / count * 1e6
+            combined["doHandshakeCallsPerHandshake"] = window["doHandshakeCalls"] / count
         if clientCPU > 0:
             combined["clientCeiling"] = count / clientCPU
         return combined
@@ -977,6 +1121,10 @@ class Bench:
             proxy.pySpy = self.args.pySpy
             proxy.profileTo = os.path.join(self.args.profile, f"{proxy.name}-{name}.txt")
         proxy.core = CLIENT_CORE if name == "latency.sameCore" else PROXY_CORE
+        # The handshake split (bench/probe) for the handshake tests only:
+        # the other tests run exactly as without it.
+        proxy.probePath = (os.path.join(proxy.work, f"probe-{name}")
+                           if proxy.probeable and name in ("handshakes", "resumed") else None)
         try:
             proxy.start()
         except RuntimeError as e:
@@ -988,6 +1136,7 @@ class Bench:
         finally:
             proxy.stop()
             proxy.core = PROXY_CORE
+            proxy.probePath = None
         log(f"{proxy.name}: {name}: {summarise(name, result)}")
         return result
 
@@ -1000,9 +1149,10 @@ class Bench:
         for workers in (1, 2):
             proxy = MTLSProxy(self.work, self.paths, self.backendPorts)
             proxy.source = self.args.source
-            proxy.sessionTickets = self.args.sessionTickets
+            proxy.sessionTickets = not self.args.statefulSessions
             proxy.workers = workers
             proxy.core = None
+            proxy.probePath = os.path.join(proxy.work, f"probe-workers{workers}")
             proxy.start()
             try:
                 result[f"workers{workers}"] = self.handshakes(proxy, resume=False, clients=2, core=None)
@@ -1048,13 +1198,14 @@ class Bench:
                 log("OpenSSL cost per server handshake ...")
                 self.results["tlscost"] = self.tlsCost()
                 log(f"tlscost: {json.dumps(self.results['tlscost'])}")
-            classes = {"mtlsproxy": MTLSProxy, "haproxy": HAProxy, "stunnel": Stunnel, "direct": Direct}
+            classes = {"mtlsproxy": MTLSProxy, "haproxy": HAProxy, "stunnel": Stunnel, "naive": Naive,
+                       "direct": Direct}
             proxies = []
             for name in args.proxies:
                 proxy = classes[name](self.work, self.paths, self.backendPorts)
                 if isinstance(proxy, MTLSProxy):
                     proxy.source = args.source
-                    proxy.sessionTickets = args.sessionTickets
+                    proxy.sessionTickets = not args.statefulSessions
                 result = self.results["proxies"][name] = self.prepareProxy(proxy)
                 if "missing" not in result and result.get("gates", {"passed": True})["passed"]:
                     proxies.append(proxy)
@@ -1087,6 +1238,9 @@ def summarise(name: str, r: dict[str, Any]) -> str:
         text = f"{r['rate']:.0f}/s, {r.get('perProxyCPUSecond', 0):.0f} per proxy CPU-s, proxy {r['proxyUtilisation']:.0%}, client core {r['clientCoreBusy']:.0%}, errors {r['errors']}"
         if name == "resumed":
             text += f", resumed {r.get('resumed', 0)}/{r['completed']}"
+        if "opensslUsPerHandshake" in r:
+            text += (f", per handshake {r['opensslUsPerHandshake']:.0f} us in OpenSSL + {r['restUsPerHandshake']:.0f} us"
+                     f" rest ({r['doHandshakeCallsPerHandshake']:.1f} do_handshake calls)")
         return text
     if name.startswith("bulk"):
         return (f"{r['MBps']:.0f} MB/s, {r.get('MBperProxyCPUSecond', 0):.0f} MB per proxy CPU-s, proxy"
@@ -1115,6 +1269,8 @@ ROWS = [
     ("  per proxy CPU-second", ("handshakes", "perProxyCPUSecond"), "{:.0f}"),
     ("  proxy core busy", ("handshakes", "proxyUtilisation"), "{:.0%}"),
     ("  client core busy", ("handshakes", "clientCoreBusy"), "{:.0%}"),
+    ("  in OpenSSL, us/handshake", ("handshakes", "opensslUsPerHandshake"), "{:.0f}"),
+    ("  rest (Python, syscalls), us/handshake", ("handshakes", "restUsPerHandshake"), "{:.0f}"),
     ("resumed handshakes/s", ("resumed", "rate"), "{:.0f}"),
     ("  per proxy CPU-second", ("resumed", "perProxyCPUSecond"), "{:.0f}"),
     ("bulk up, 1 stream MB/s", ("bulk.up1", "MBps"), "{:.0f}"),
@@ -1139,7 +1295,7 @@ def table(results: dict[str, Any]) -> str:
     The results table: one column per proxy, the ratio to HAProxy, notes and verdicts.
     """
     proxies = list(results["proxies"])
-    width = 28
+    width = max(28, max(len(label) for label, _, _ in ROWS) + 1)
     lines = []
     header = "".ljust(width) + "".join(p.rjust(12) for p in proxies)
     if "haproxy" in proxies and "mtlsproxy" in proxies:
@@ -1163,8 +1319,16 @@ def table(results: dict[str, Any]) -> str:
                      + "".join(f", {p} {v - direct:+.3f} ms" for p in proxies
                                if p not in ("mtlsproxy", "direct")
                                and (v := _get(results, p, "latency", "p99ms")) is not None))
+    rest = {p: v for p in proxies if (v := _get(results, p, "handshakes", "restUsPerHandshake")) is not None}
+    if "mtlsproxy" in rest and "naive" in rest:
+        lines.append(f"per full handshake outside OpenSSL's do_handshake: mtlsproxy {rest['mtlsproxy']:.0f} us, "
+                     f"naive Twisted portforward {rest['naive']:.0f} us (Twisted's floor: "
+                     f"{rest['naive'] / rest['mtlsproxy']:.0%} of ours)")
     for p in proxies:
         r = results["proxies"][p]
+        if p == "naive" and "missing" not in r:
+            lines.append("naive: Twisted's portforward behind listenSSL, no features, no logs; a baseline, not a"
+                         " secure proxy (it connects the backend before the handshake completes)")
         if "missing" in r:
             lines.append(f"{p}: {r['missing']}")
         elif "gates" in r:
@@ -1185,7 +1349,15 @@ def table(results: dict[str, Any]) -> str:
                          f"handshake = {c['handshakesPerCPUSecond']:.0f}/CPU-s ({c['version']} {c['cipher']})")
     scaling = results.get("scaling")
     if scaling:
-        parts = [f"{k}: {v['rate']:.0f}/s" if "rate" in v else f"{k}: {v.get('failed')}" for k, v in scaling.items()]
+        parts = []
+        for k, v in scaling.items():
+            if "rate" not in v:
+                parts.append(f"{k}: {v.get('failed')}")
+                continue
+            part = f"{k}: {v['rate']:.0f}/s"
+            if "opensslUsPerHandshake" in v:
+                part += f" ({v['opensslUsPerHandshake']:.0f} us OpenSSL + {v['restUsPerHandshake']:.0f} us rest per handshake)"
+            parts.append(part)
         lines.append("mtlsproxy handshakes on both cores (shared with the load generator): " + ", ".join(parts))
     lines.append("targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in results["verdict"].items()))
     return "\n".join(lines)
@@ -1269,8 +1441,9 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
         description="Benchmark mtlsproxy against HAProxy and stunnel (mTLS, CRLs, one core each).")
     parser.add_argument("--rsa", action="store_true", help="RSA-2048 certificates instead of ECDSA P-256")
     parser.add_argument("--quick", action="store_true", help="a smoke run: short windows, small counts")
-    parser.add_argument("--proxies", default="mtlsproxy,haproxy,stunnel,direct",
-                        help="comma-separated: mtlsproxy, haproxy, stunnel, direct")
+    parser.add_argument("--proxies", default="mtlsproxy,haproxy,stunnel,naive,direct",
+                        help="comma-separated: mtlsproxy, haproxy, stunnel, naive (Twisted's portforward"
+                             " behind listenSSL, bench/naive.py), direct")
     parser.add_argument("--tests", default=",".join(ALL_TESTS), help="comma-separated: " + ", ".join(ALL_TESTS))
     parser.add_argument("--duration", type=float, default=6.0, help="handshake test window, seconds")
     parser.add_argument("--bulk-duration", dest="bulkDuration", type=float, default=4.0)
@@ -1287,12 +1460,18 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="record mtlsproxy with py-spy during each test (collapsed stacks in DIR;"
                              " summarise with bench/profile.py); the figures are then not representative")
     parser.add_argument("--py-spy", dest="pySpy", default=_findPySpy())
-    parser.add_argument("--session-tickets", dest="sessionTickets", action="store_true",
-                        help="mtlsproxy listeners with session_tickets = true (stateless TLS 1.3 tickets)")
+    parser.add_argument("--stateful-sessions", dest="statefulSessions", action="store_true",
+                        help="mtlsproxy listeners with session_tickets = false (OpenSSL's stateful session cache,"
+                             " OP_NO_TICKET); the default is the product's, session_tickets = true")
+    parser.add_argument("--session-tickets", dest="sessionTicketsAlias", action="store_true",
+                        help="accepted for compatibility, does nothing: stateless tickets are the default now")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configurations, logs)")
     parser.add_argument("--json", help="where to write the results (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
     args.proxies = [p for p in args.proxies.split(",") if p]
+    unknown = [p for p in args.proxies if p not in ("mtlsproxy", "haproxy", "stunnel", "naive", "direct")]
+    if unknown:
+        parser.error(f"unknown proxies: {', '.join(unknown)}")
     args.tests = [t for t in args.tests.split(",") if t]
     if args.profile:
         args.profile = os.path.abspath(args.profile)

@@ -2,21 +2,40 @@
 """
 A smoke run of the benchmark (C{bench/run.py --quick}) so that it cannot rot:
 tiny counts and windows, mtlsproxy and the direct baseline only, well under
-a minute.  The figures are not checked (the machine may be busy), only that
-every test ran, the correctness gates passed and the results are complete.
+a minute; and the naive Twisted forwarder's handshake test.  The figures are
+not checked (the machine may be busy), only that every test ran, the
+correctness gates passed and the results are complete.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quickRun(testCase: SynchronousTestCase, *arguments: str) -> tuple[dict[str, Any], str]:
+    """
+    Run C{bench/run.py --quick} with C{arguments}; its JSON results and standard output.
+    """
+    out = os.path.join(tempfile.mkdtemp(prefix="mtlsbench-test-"), "results.json")
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "run.py"), "--quick", *arguments, "--json", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    testCase.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-3000:])
+    with open(out) as f:
+        return json.load(f), done.stdout
 
 
 class BenchSmokeTests(SynchronousTestCase):
@@ -29,26 +48,9 @@ class BenchSmokeTests(SynchronousTestCase):
         When the benchmark runs with tiny counts, mtlsproxy passes the
         correctness gates and every test reports figures without errors.
         """
-        out = os.path.join(tempfile.mkdtemp(prefix="mtlsbench-test-"), "results.json")
-        done = subprocess.run(
-            [
-                sys.executable,
-                os.path.join(REPO, "bench", "run.py"),
-                "--quick",
-                "--proxies",
-                "mtlsproxy,direct",
-                "--tests",
-                "tlscost,handshakes,resumed,bulk,latency,idle",
-                "--json",
-                out,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        results, stdout = quickRun(
+            self, "--proxies", "mtlsproxy,direct", "--tests", "tlscost,handshakes,resumed,bulk,latency,idle"
         )
-        self.assertEqual(done.returncode, 0, done.stdout[-3000:] + done.stderr[-3000:])
-        with open(out) as f:
-            results = json.load(f)
         ours = results["proxies"]["mtlsproxy"]
         self.assertTrue(ours["gates"]["passed"], ours["gates"])
         self.assertTrue(ours["gates"]["revokedIntermediateRejected"], ours["gates"])
@@ -64,4 +66,56 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertEqual(ours["idle"]["open"], 50)
         self.assertGreater(results["proxies"]["direct"]["latency"]["samples"], 0)
         self.assertGreater(results["tlscost"]["pyopenssl"]["handshakesPerCPUSecond"], 0)
-        self.assertIn("full mTLS handshakes/s", done.stdout)
+        self.assertIn("full mTLS handshakes/s", stdout)
+        # The handshake split (bench/probe): the time inside do_handshake
+        # and the rest, per handshake, for both handshake tests.
+        for name in ("handshakes", "resumed"):
+            self.assertGreater(ours[name]["opensslUsPerHandshake"], 0, (name, ours[name]))
+            self.assertGreater(ours[name]["restUsPerHandshake"], 0, (name, ours[name]))
+            self.assertGreaterEqual(ours[name]["doHandshakeCallsPerHandshake"], 1, (name, ours[name]))
+        self.assertIn("in OpenSSL, us/handshake", stdout)
+        self.assertNotIn("opensslUsPerHandshake", ours["bulk.up1"])
+
+    def test_naive(self) -> None:
+        """
+        The naive Twisted forwarder (C{bench/naive.py}) passes the same
+        correctness gates, refusing the revoked clients, and its handshakes
+        are measured and split like mtlsproxy's.
+        """
+        results, stdout = quickRun(self, "--proxies", "naive", "--tests", "handshakes")
+        naive = results["proxies"]["naive"]
+        self.assertTrue(naive["gates"]["passed"], naive["gates"])
+        self.assertTrue(naive["gates"]["revokedIntermediateRejected"], naive["gates"])
+        self.assertEqual(naive["handshakes"]["errors"], 0, naive["handshakes"])
+        self.assertGreater(naive["handshakes"]["completed"], 0)
+        self.assertGreater(naive["handshakes"]["opensslUsPerHandshake"], 0)
+        self.assertIn("not a secure proxy", stdout)
+
+
+class ConfigurationTests(SynchronousTestCase):
+    """
+    The configuration C{bench/run.py} writes for mtlsproxy.
+    """
+
+    def setUp(self) -> None:
+        spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "bench", "run.py"))
+        assert spec is not None and spec.loader is not None
+        self.bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self.bench)
+
+    def test_sessionTickets(self) -> None:
+        """
+        Every listener says C{session_tickets} explicitly: C{true} (the
+        product's default) unless C{--stateful-sessions}; C{--session-tickets}
+        is still accepted and changes nothing.
+        """
+        paths = {"ca": "ca.pem", "crls": "crls.pem", "serverChain": "chain.pem", "serverKey": "key.pem"}
+        routes = {"echo": (1, 2), "sink": (3, 4)}
+        self.assertEqual(self.bench.mtlsproxyConfig(paths, routes).count("session_tickets = true"), 2)
+        self.assertEqual(
+            self.bench.mtlsproxyConfig(paths, routes, sessionTickets=False).count("session_tickets = false"), 2
+        )
+        self.assertFalse(self.bench.parseArgs([]).statefulSessions)
+        self.assertFalse(self.bench.parseArgs(["--session-tickets"]).statefulSessions)
+        self.assertTrue(self.bench.parseArgs(["--stateful-sessions"]).statefulSessions)
+        self.assertIn("naive", self.bench.parseArgs([]).proxies)
