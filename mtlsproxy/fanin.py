@@ -51,7 +51,7 @@ from zope.interface import implementer
 
 from . import __version__
 from .metrics import renderFor
-from .status import StatusService, _Healthz, _json
+from .status import StatusService, _Healthz, _json, controlRefusal
 
 __all__ = [
     "FanIn",
@@ -659,19 +659,10 @@ class _Members(_FanInPage):
         return _json(request, 405, {"error": "use POST"})
 
     def render_POST(self, request: Request) -> Any:
-        if not self.controlAllowed():
-            return _json(
-                request,
-                403,
-                {"error": "member control needs a loopback status endpoint or client certificates"},
-            )
-        if request.getHeader(b"origin") is not None:
-            return _json(request, 403, {"error": "cross-origin requests are refused"})
+        refusal = controlRefusal(request, self.controlAllowed)
+        if refusal is not None:
+            return refusal
         path = request.postpath or []
-        if len(path) != 3 or path[2] not in (b"drain", b"enable"):
-            return _json(
-                request, 404, {"error": "expected /members/<pool>/<address>:<port>/drain or /enable"}
-            )
         self.log.info(
             "Status API: {action} pool {pool} member {member} in every worker",
             action=path[2].decode("ascii"),

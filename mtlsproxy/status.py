@@ -442,6 +442,31 @@ class _Readyz(Resource):
         return ("not ready: " + "; ".join(problems) + "\n").encode("utf-8")
 
 
+def controlRefusal(request: Request, controlAllowed: Callable[[], bool]) -> Optional[bytes]:
+    """
+    The answer that refuses a member-control request (C{POST
+    /members/<pool>/<address>:<port>/drain} or C{/enable}), or L{None} when
+    it may go on: control needs a loopback endpoint or client certificates
+    (C{controlAllowed}), no C{Origin} header (a web page in a browser on the
+    same host), and a well-formed path.  One process and a supervisor
+    (L{mtlsproxy.fanin}) check it here, the same way.
+    """
+    if not controlAllowed():
+        return _json(
+            request,
+            403,
+            {"error": "member control needs a loopback status endpoint or client certificates"},
+        )
+    if request.getHeader(b"origin") is not None:
+        return _json(request, 403, {"error": "cross-origin requests are refused"})
+    path = request.postpath or []
+    if len(path) != 3 or path[2] not in (b"drain", b"enable"):
+        return _json(
+            request, 404, {"error": "expected /members/<pool>/<address>:<port>/drain or /enable"}
+        )
+    return None
+
+
 class _Members(Resource):
     """
     C{POST /members/<pool>/<address>:<port>/drain} and C{.../enable}.
@@ -460,19 +485,10 @@ class _Members(Resource):
         return _json(request, 405, {"error": "use POST"})
 
     def render_POST(self, request: Request) -> bytes:
-        if not self.controlAllowed():
-            return _json(
-                request,
-                403,
-                {"error": "member control needs a loopback status endpoint or client certificates"},
-            )
-        if request.getHeader(b"origin") is not None:
-            return _json(request, 403, {"error": "cross-origin requests are refused"})
+        refusal = controlRefusal(request, self.controlAllowed)
+        if refusal is not None:
+            return refusal
         path = [segment.decode("utf-8", "replace") for segment in request.postpath or []]
-        if len(path) != 3 or path[2] not in ("drain", "enable"):
-            return _json(
-                request, 404, {"error": "expected /members/<pool>/<address>:<port>/drain or /enable"}
-            )
         poolName, where, action = path
         pool = self.proxy.pools.get(poolName)
         if pool is None:
