@@ -12,9 +12,12 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from .errors import ConfigurationError
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -84,6 +87,36 @@ class Options(usage.Options):
 
             twistdLogger.attach(self, twistdOptions)
             twistdOptions["logger"] = "mtlsproxy.logs.twistdLogger"
+
+
+def quietRepeatedStopSignals(reactor: Any) -> None:
+    """
+    Make a second C{SIGTERM} or C{SIGINT} while the proxy is already
+    stopping (draining its connections) a logged no-op.
+
+    Twisted's handlers call C{reactor.stop()} again, which raises
+    C{ReactorNotRunning} and logs a traceback in the middle of the drain
+    (an operator pressing Ctrl-C twice, a supervisor that repeats its
+    signal).  The drain goes on either way; C{SIGKILL} ends it at once.
+    The reactor reads C{sigInt} and C{sigTerm} when it installs its
+    handlers (in C{run}), so this must be called before.
+    """
+    for name in ("sigInt", "sigTerm"):
+        original = getattr(reactor, name, None)
+        if original is None:
+            continue
+
+        def handler(number: int, frame: Any = None, original: Any = original) -> None:
+            if getattr(reactor, "_stopped", False):
+                _log.warn(
+                    "Received signal {signal} while already stopping: the drain goes on"
+                    " (SIGKILL stops at once)",
+                    signal=number,
+                )
+                return
+            original(number, frame)
+
+        setattr(reactor, name, handler)
 
 
 def _workersOption(text: str) -> int | str:
@@ -158,6 +191,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+        quietRepeatedStopSignals(reactor)
     try:
         config = loadConfig(options["config"])
         loaded = checkConfiguration(config, datetime.now(timezone.utc))

@@ -278,6 +278,32 @@ class GracefulDrainTests(SynchronousTestCase):
         self.assertLess(time.monotonic() - started, 15)
         self.assertIn("Drained: all connections finished", proxy.log())
 
+    def test_secondSignalWhileDraining(self) -> None:
+        """
+        When a second SIGTERM (or a SIGINT) arrives while the proxy drains,
+        it is logged, the drain goes on, and no traceback is written.
+        """
+        proxy = self.startProxy(20)
+        client = socket.create_connection(("127.0.0.1", proxy.ports["plain"]), timeout=10)
+        self.addCleanup(client.close)
+        client.sendall(b"x")
+        self.assertEqual(client.recv(10), b"x")
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGTERM)
+        self.assertIsNotNone(proxy.waitForLog(r"Draining: waiting up to 20\.0s for 1 connection"))
+        proxy.process.send_signal(signal.SIGTERM)
+        proxy.process.send_signal(signal.SIGINT)
+        self.assertIsNotNone(proxy.waitForLog(r"Received signal 2 while already stopping"))
+        self.assertIsNotNone(proxy.waitForLog(r"Received signal 15 while already stopping"))
+        client.sendall(b"y")
+        self.assertEqual(client.recv(10), b"y")
+        client.close()
+        self.assertIn(proxy.process.wait(timeout=15), (0, -signal.SIGTERM))
+        log = proxy.log()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("ReactorNotRunning", log)
+        self.assertIn("Drained: all connections finished", log)
+
     def test_drainTimeoutClosesTheRest(self) -> None:
         """
         When a connection is still open after drain_timeout, it is closed
