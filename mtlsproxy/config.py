@@ -1244,10 +1244,17 @@ class LoggingConfig:
         object per line).
     @ivar file: Absolute path of the log file, or L{None} for twistd's
         default (standard output with C{-n}, else C{twistd.log}).
+    @ivar level: The least level logged: C{"debug"} (everything,
+        including an event per connection that ended without close_notify
+        and the like), C{"info"} (the default: access lines, start-up,
+        reloads, health changes), C{"warn"} or C{"error"}.
     """
 
     format: Literal["text", "json"] = attrs.field(
         default="text", validator=_oneOf("text", "json"), metadata=_key()
+    )
+    level: Literal["debug", "info", "warn", "error"] = attrs.field(
+        default="info", validator=_oneOf("debug", "info", "warn", "error"), metadata=_key()
     )
     file: str | None = attrs.field(default=None, validator=_optionalFilePath, metadata=_key(_path))
 

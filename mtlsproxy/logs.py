@@ -34,8 +34,11 @@ from typing import IO, Any, Optional
 
 from twisted.logger import (
     FileLogObserver,
+    FilteringLogObserver,
     ILogObserver,
     LogEvent,
+    LogLevel,
+    LogLevelFilterPredicate,
     eventAsJSON,
     formatEvent,
     textFileLogObserver,
@@ -159,12 +162,57 @@ class TwistdObserverFactory:
         config = getattr(self.options, "loggingConfig", None)
         return getattr(config, "format", "text")
 
+    def level(self) -> str:
+        """
+        The least level logged: C{"debug"}, C{"info"}, C{"warn"} or
+        C{"error"} (C{--log-level}, else C{[logging] level}, else info).
+        """
+        chosen = self.options.get("log-level") if self.options is not None else None
+        if chosen:
+            return str(chosen)
+        config = getattr(self.options, "loggingConfig", None)
+        return getattr(config, "level", "info")
+
     def __call__(self) -> Optional[ILogObserver]:
         """
-        The observer, or L{None} to let twistd make its default text one.
+        The observer, or L{None} to let twistd make its default text one
+        (when everything is logged, C{level = "debug"}).
+
+        Below the configured level, events are dropped before they are
+        formatted or written: the per-connection debug events (a client
+        that closed without close_notify, ...) cost a busy proxy nothing
+        then.
         """
         if self.options is None or self.twistdOptions is None:
             return None
+        observer = self._observer()
+        level = self.level()
+        if level == "debug":
+            return observer
+        if observer is None:
+            observer = self._twistdDefault()
+        return FilteringLogObserver(
+            observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))]
+        )
+
+    def _twistdDefault(self) -> ILogObserver:
+        """
+        The text observer twistd would make (its C{UnixAppLogger}): standard
+        output for C{--logfile -} and with C{-n} without C{--logfile}, else
+        the file (C{twistd.log} by default), rotated as twistd does.
+        """
+        assert self.twistdOptions is not None
+        name = self.twistdOptions.get("logfile")
+        if name == "-" or (not name and self.twistdOptions.get("nodaemon")):
+            return textFileLogObserver(sys.stdout)
+        return textFileLogObserver(_openLogFile(name or "twistd.log"))  # type: ignore[arg-type]
+
+    def _observer(self) -> Optional[ILogObserver]:
+        """
+        The observer for the chosen format and file, or L{None} for
+        twistd's default text one.
+        """
+        assert self.twistdOptions is not None
         fmt = self.format()
         twistdFile = self.twistdOptions.get("logfile")
         config = getattr(self.options, "loggingConfig", None)

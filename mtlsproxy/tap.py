@@ -41,6 +41,13 @@ class Options(usage.Options):
             " configuration's [logging] format, else text.",
         ],
         [
+            "log-level",
+            None,
+            None,
+            'The least level logged: "debug", "info", "warn" or "error"; default the'
+            " configuration's [logging] level, else info.",
+        ],
+        [
             "workers",
             None,
             None,
@@ -65,6 +72,11 @@ class Options(usage.Options):
         if self["log-format"] not in (None, "text", "json"):
             raise usage.UsageError(
                 f'--log-format must be "text" or "json", not {self["log-format"]!r}'
+            )
+        if self["log-level"] not in (None, "debug", "info", "warn", "error"):
+            raise usage.UsageError(
+                '--log-level must be "debug", "info", "warn" or "error",'
+                f' not {self["log-level"]!r}'
             )
         if self["workers"] is not None:
             self["workers"] = _workersOption(self["workers"])

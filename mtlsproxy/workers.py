@@ -261,8 +261,9 @@ def workerArguments(
         if twistdOptions.get("reactor"):
             argv += ["--reactor", twistdOptions["reactor"]]
     argv += ["mtlsproxy", "--config", pluginOptions["config"]]
-    if pluginOptions.get("log-format"):
-        argv += ["--log-format", pluginOptions["log-format"]]
+    for option in ("log-format", "log-level"):
+        if pluginOptions.get(option):
+            argv += [f"--{option}", pluginOptions[option]]
     argv += [
         "--worker",
         str(index),

@@ -114,12 +114,47 @@ class ObserverFactoryTests(SynchronousTestCase):
 
     def test_textDefaultIsTwistds(self) -> None:
         """
-        When nothing asks for JSON or a file, the factory returns None, so
-        twistd makes its usual observer.
+        When nothing asks for JSON, a file or a level above debug, the
+        factory returns None, so twistd makes its usual observer.
         """
-        self.assertIsNone(self.factory()())
-        self.assertIsNone(self.factory(logging=LoggingConfig())())
-        self.assertIsNone(self.factory(logfile="x.log")())
+        self.assertIsNone(self.factory(logging=LoggingConfig(level="debug"))())
+        self.assertIsNone(self.factory(logging=LoggingConfig(level="debug"), logfile="x.log")())
+
+    def test_defaultLevelDropsDebug(self) -> None:
+        """
+        By default (level info) a debug event is dropped before it is
+        formatted or written, and an info event is written: to twistd's
+        C{--logfile}, as twistd would.
+        """
+        path = os.path.abspath(self.mktemp())
+        observer = self.factory(logfile=path)()
+        assert observer is not None
+        observer(_event(log_level=LogLevel.debug, log_format="per-connection detail"))
+        observer(_event())
+        with open(path) as f:
+            text = f.read()
+        self.assertIn("Listener web up", text)
+        self.assertNotIn("per-connection detail", text)
+
+    def test_levelOptionOverridesConfig(self) -> None:
+        """
+        When --log-level debug is given and [logging] says warn, debug
+        events are written; with [logging] level = "warn" alone, info
+        events are dropped too (standard output with -n).
+        """
+        out = io.StringIO()
+        self.patch(__import__("sys"), "stdout", out)
+        factory = self.factory(logging=LoggingConfig(level="warn"), nodaemon=True)
+        self.assertEqual(factory.level(), "warn")
+        observer = factory()
+        assert observer is not None
+        observer(_event())
+        observer(_event(log_level=LogLevel.warn, log_format="a warning"))
+        self.assertNotIn("Listener web up", out.getvalue())
+        self.assertIn("a warning", out.getvalue())
+        factory.options["log-level"] = "debug"  # type: ignore[index]
+        self.assertEqual(factory.level(), "debug")
+        self.assertIsNone(factory())
 
     def test_unattached(self) -> None:
         """
@@ -158,7 +193,8 @@ class ObserverFactoryTests(SynchronousTestCase):
         """
         twistdFile = os.path.abspath(self.mktemp())
         configFile = os.path.abspath(self.mktemp())
-        factory = self.factory("text", LoggingConfig(format="json", file=configFile), logfile=twistdFile)
+        factory = self.factory("text", LoggingConfig(format="json", file=configFile, level="debug"),
+                               logfile=twistdFile)
         self.assertEqual(factory.format(), "text")
         self.assertIsNone(factory())
         observer = self.factory(None, LoggingConfig(format="json", file=configFile), logfile=twistdFile)()
@@ -183,6 +219,15 @@ class OptionsTests(SynchronousTestCase):
     """
     C{twistd mtlsproxy --log-format}.
     """
+
+    def test_badLevel(self) -> None:
+        """
+        When --log-level is not a level, it is a usage error naming it.
+        """
+        error = self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["--config", "x", "--log-level", "verbose"]
+        )
+        self.assertIn('--log-level must be "debug", "info", "warn" or "error"', str(error))
 
     def test_badFormat(self) -> None:
         """
