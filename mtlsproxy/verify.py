@@ -202,7 +202,7 @@ def reasonForVerifyError(errorNumber: int) -> str:
 
 REJECTED_FORMAT: Final = (
     "Rejected TLS client {peer} on listener {listener}: {reason}"
-    " (subject {subject}, serial {serial})"
+    " ({error}; subject {subject}, serial {serial})"
 )
 """
 The C{log_format} of the one event logged (at level C{warn}) for every
