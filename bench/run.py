@@ -558,8 +558,12 @@ class MTLSProxy(Proxy):
         with open(config, "w") as f:
             f.write(mtlsproxyConfig(self.paths, routes, self.workerSetting(), self.sessionTickets))
         self.pythonPath = [self.source] if self.source else []
-        return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logPath,
+        reactor = ["--reactor", self.reactor] if self.reactor else []
+        return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.logPath, *reactor,
                 "mtlsproxy", "--config", config]
+
+    reactor: Optional[str] = None
+    """twistd's C{--reactor} (C{--reactor} of the benchmark), or L{None} for its default (epoll)."""
 
     def workerSetting(self) -> Optional[int]:
         """
@@ -1149,6 +1153,7 @@ class Bench:
         for workers in (1, 2):
             proxy = MTLSProxy(self.work, self.paths, self.backendPorts)
             proxy.source = self.args.source
+            proxy.reactor = self.args.reactor
             proxy.sessionTickets = not self.args.statefulSessions
             proxy.workers = workers
             proxy.core = None
@@ -1205,6 +1210,7 @@ class Bench:
                 proxy = classes[name](self.work, self.paths, self.backendPorts)
                 if isinstance(proxy, MTLSProxy):
                     proxy.source = args.source
+                    proxy.reactor = args.reactor
                     proxy.sessionTickets = not args.statefulSessions
                 result = self.results["proxies"][name] = self.prepareProxy(proxy)
                 if "missing" not in result and result.get("gates", {"passed": True})["passed"]:
@@ -1460,6 +1466,8 @@ def parseArgs(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="record mtlsproxy with py-spy during each test (collapsed stacks in DIR;"
                              " summarise with bench/profile.py); the figures are then not representative")
     parser.add_argument("--py-spy", dest="pySpy", default=_findPySpy())
+    parser.add_argument("--reactor", default=None,
+                        help="twistd's --reactor for mtlsproxy (epoll, the default; poll, select, asyncio)")
     parser.add_argument("--stateful-sessions", dest="statefulSessions", action="store_true",
                         help="mtlsproxy listeners with session_tickets = false (OpenSSL's stateful session cache,"
                              " OP_NO_TICKET); the default is the product's, session_tickets = true")
