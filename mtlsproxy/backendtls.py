@@ -2,9 +2,11 @@
 """
 Mutual TLS towards the members of a pool (C{[pools.tls]}).
 
-L{BackendTLS} is built once per pool from its configuration and its loaded
-material (L{BackendTLSMaterial}, see L{mtlsproxy.checks}).  It owns one
-client L{OpenSSL.SSL.Context}:
+L{BackendTLS} is built per pool from its configuration and its loaded
+material (L{BackendTLSMaterial}, see L{mtlsproxy.checks}), at start-up and
+again by a reload that changes them; the relay, the routes and the health
+checkers hold the pool's L{SwappableBackendTLS}, whose C{current} the
+reload replaces.  A L{BackendTLS} owns one client L{OpenSSL.SSL.Context}:
 
   - TLS 1.2 (unless C{min_version = "1.3"}) and 1.3; on TLS 1.2 the same
     forward-secret AEAD ciphers as listeners; no compression, no
@@ -58,10 +60,11 @@ from __future__ import annotations
 
 import ipaddress
 import weakref
-from typing import TYPE_CHECKING, Any, Final, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Final, Mapping, Optional, Sequence, Union
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
@@ -82,7 +85,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .material import PrivateKey
+from .material import PrivateKey, sourceKey
 from .revocation import CRL_EXPIRED_DEFAULT, CRL_MISSING_DEFAULT, CRLExpired, CRLMissing
 from .tlscontext import TLS12_CIPHERS
 from .tlsproto import TLS13, HalfCloseTLSFactory, HalfCloseTLSProtocol
@@ -128,6 +131,7 @@ __all__ = [
     "BackendTLSFactory",
     "BackendTLSMaterial",
     "BackendTLSProtocol",
+    "SwappableBackendTLS",
     "buildBackendContext",
     "describeFailure",
     "logBackendTLSFailure",
@@ -264,6 +268,45 @@ class BackendTLSMaterial:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     chain: tuple[x509.Certificate, ...] = ()
     key: Optional[PrivateKey] = None
+    sources: Mapping[bytes, str] = attrs.field(factory=dict, eq=False, repr=False)
+
+    def sourceOf(
+        self, item: Union[x509.Certificate, x509.CertificateRevocationList]
+    ) -> Optional[str]:
+        """
+        The file a certificate or CRL of this material was read from, if
+        known (L{sources}, keyed by L{mtlsproxy.material.sourceKey}).
+        """
+        return self.sources.get(sourceKey(item))
+
+    def differences(self, other: BackendTLSMaterial) -> list[str]:
+        """
+        What differs between this material and C{other}, by configuration
+        key: C{"ca_certificates"}, C{"crls"}, C{"cert"}, C{"key"}; empty if
+        they are the same.  (Private keys are compared by their public
+        halves: they cannot be compared directly.)
+        """
+        changed: list[str] = []
+        if self.cas != other.cas:
+            changed.append("ca_certificates")
+        if self.crls != other.crls:
+            changed.append("crls")
+        if self.chain != other.chain:
+            changed.append("cert")
+        if _publicHalf(self.key) != _publicHalf(other.key):
+            changed.append("key")
+        return changed
+
+
+def _publicHalf(key: Optional[PrivateKey]) -> Optional[bytes]:
+    """
+    The DER SubjectPublicKeyInfo of a private key's public key, or L{None}.
+    """
+    if key is None:
+        return None
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 class BackendTLSError(Exception):
@@ -482,7 +525,8 @@ class BackendTLS:
     receives as C{tls} and what the relay connects members with.
 
     Build it with L{BackendTLS.create} or L{BackendTLS.fromConfig}, once
-    per pool (and again on a reload: the context is frozen once used).
+    per pool (and again on a reload: the context is frozen once used; the
+    pool's L{SwappableBackendTLS} hands out the one in force).
 
     @ivar poolName: The pool's name, for errors and logs.
     @ivar context: The client context shared by all connections of the
@@ -649,6 +693,65 @@ class BackendTLS:
                 # A post-handshake message (a session ticket): the member
                 # got past our Finished and certificate.
                 session.postHandshakeMessage = True
+
+
+class SwappableBackendTLS:
+    """
+    The backend TLS settings of a pool as the relay, the routers and the
+    health checkers keep them for the proxy's whole life: it delegates to
+    L{current}, which a reload replaces in one assignment (as
+    L{SwappableContextFactory<mtlsproxy.tlscontext.SwappableContextFactory>}
+    does for listeners).
+
+    Every connection asks for its creator when it is made
+    (L{clientConnectionCreator}, L{wrapFactory}), so I{new} connections and
+    health checks use the material in force; a connection made before keeps
+    the L{BackendTLS} (context, CAs, CRLs, client certificate) it was made
+    with until it ends.
+
+    It offers the whole interface of L{BackendTLS} (C{poolName},
+    C{context}, C{serverName}, ... are those of L{current}), so it is what
+    health checker plugins receive as C{tls}.  A plugin should ask it for a
+    creator per connection, not keep one: a creator, like a L{BackendTLS},
+    is bound to the material of its time.
+
+    @ivar current: The L{BackendTLS} new connections are made with.
+    """
+
+    def __init__(self, current: BackendTLS) -> None:
+        self.current = current
+
+    def clientConnectionCreator(self, member: Any) -> BackendConnectionCreator:
+        """
+        The connection creator of the material in force: see
+        L{BackendTLS.clientConnectionCreator}.
+        """
+        return self.current.clientConnectionCreator(member)
+
+    def wrapFactory(
+        self,
+        member: Any,
+        wrappedFactory: IProtocolFactory,
+        clock: IReactorTime,
+        timeout: float,
+    ) -> BackendTLSFactory:
+        """
+        Wrap one connection attempt with the material in force: see
+        L{BackendTLS.wrapFactory}.
+        """
+        return self.current.wrapFactory(member, wrappedFactory, clock, timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        """
+        Everything else (C{poolName}, C{context}, C{serverName}, ...) from
+        the current settings.
+        """
+        if name == "current":
+            raise AttributeError(name)
+        return getattr(self.current, name)
+
+    def __repr__(self) -> str:
+        return f"<SwappableBackendTLS of pool {self.current.poolName!r}>"
 
 
 @attrs.define(eq=False)

@@ -619,18 +619,26 @@ def _checkBackendTLS(
     assert tls is not None
     owner = _BackendOwner(pool.name, tls.crl_missing, tls.crl_expired)
     sources: dict[bytes, str] = {}
-    cas = _checkCAs(owner, tls.ca_certificates, where, now, warnings, soon, sources)
-    crls = _checkCRLs(owner, tls.crls, where, cas, now, warnings, sources)
-    if crls:
-        # Without CRLs revocation is not checked, so none can be missing.
-        _checkCoverage(owner, cas, crls, warnings, "on")
-    if tls.cert is None or tls.key is None:
-        return BackendTLSMaterial(cas, crls)
-    chain = loadCertificates(tls.cert, f"{where}.cert")
-    key = loadPrivateKey(tls.key, f"{where}.key")
-    _checkKeyMatches(chain, key, tls.cert, tls.key, f"{where}.key")
-    _checkChainOrder(chain, tls.cert, f"{where}.cert")
-    _checkValidity(
-        owner, chain, tls.cert, f"{where}.cert", now, warnings, soon, "the client certificate"
-    )
-    return BackendTLSMaterial(cas, crls, chain, key)
+    try:
+        cas = _checkCAs(owner, tls.ca_certificates, where, now, warnings, soon, sources)
+        crls = _checkCRLs(owner, tls.crls, where, cas, now, warnings, sources)
+        if crls:
+            # Without CRLs revocation is not checked, so none can be missing.
+            _checkCoverage(owner, cas, crls, warnings, "on")
+        if tls.cert is None or tls.key is None:
+            return BackendTLSMaterial(cas, crls, sources=sources)
+        chain = loadCertificates(tls.cert, f"{where}.cert")
+        key = loadPrivateKey(tls.key, f"{where}.key")
+        _checkKeyMatches(chain, key, tls.cert, tls.key, f"{where}.key")
+        _checkChainOrder(chain, tls.cert, f"{where}.cert")
+        _checkValidity(
+            owner, chain, tls.cert, f"{where}.cert", now, warnings, soon, "the client certificate"
+        )
+    except ConfigurationError as e:
+        # The key path has the pool's index; name the pool, too.
+        raise ConfigurationError(
+            f"pool {pool.name!r}: {e.problem}", e.path, e.key, e.line
+        ) from None
+    for certificate in chain:
+        sources.setdefault(sourceKey(certificate), tls.cert)
+    return BackendTLSMaterial(cas, crls, chain, key, sources=sources)

@@ -5,9 +5,11 @@ Certificates and CRLs that run out: found ahead of time.
 L{expiryReport} lists, for the material in force, every server certificate
 (and the intermediates sent with it), every CA certificate that verifies
 clients and every CRL (its nextUpdate), with the file it came from and the
-time left.  L{ExpiryMonitor} logs the ones due within
-C{expiry_warning_days} (L{EXPIRING_FORMAT}) at start-up, after each reload
-and once a day.  The status endpoint reads the same report as data.
+time left; and for each pool with C{[pools.tls]} the proxy's client
+certificate presented to members (and its intermediates), the CA
+certificates that verify the members and their CRLs.  L{ExpiryMonitor}
+logs the ones due within C{expiry_warning_days} (L{EXPIRING_FORMAT}) at
+start-up, after each reload and once a day.  The status endpoint reads the same report as data.
 
 A CRL is usually replaced long before its nextUpdate (a CA that publishes
 every day may give each list a week), so warning about every CRL due
@@ -20,7 +22,7 @@ replaced by then.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Callable, Final, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Final, Mapping, Optional, Union
 
 import attrs
 from cryptography import x509
@@ -29,12 +31,17 @@ from twisted.logger import Logger
 
 from .material import ListenerMaterial, sourceKey
 
+if TYPE_CHECKING:
+    from .backendtls import BackendTLSMaterial
+
 __all__ = [
     "CA_CERTIFICATE",
     "CHAIN_CERTIFICATE",
+    "CLIENT_CERTIFICATE",
     "CRL",
     "DAY",
     "EXPIRING_FORMAT",
+    "POOL_PREFIX",
     "SERVER_CERTIFICATE",
     "ExpiryItem",
     "ExpiryMonitor",
@@ -49,12 +56,27 @@ L{ExpiryItem.kind} of a listener's server certificate.
 CHAIN_CERTIFICATE: Final = "chain_certificate"
 """
 L{ExpiryItem.kind} of an intermediate CA certificate sent with a server
-certificate.
+certificate (or with the client certificate of a pool).
+"""
+
+CLIENT_CERTIFICATE: Final = "client_certificate"
+"""
+L{ExpiryItem.kind} of the client certificate the proxy presents to the
+members of a pool (C{[pools.tls]} C{cert}).
 """
 
 CA_CERTIFICATE: Final = "ca_certificate"
 """
-L{ExpiryItem.kind} of a CA certificate that verifies client certificates.
+L{ExpiryItem.kind} of a CA certificate that verifies client certificates
+(of a listener) or member certificates (of a pool).
+"""
+
+POOL_PREFIX: Final = "pool:"
+"""
+What L{ExpiryItem.listener} is for the material of a pool's
+C{[pools.tls]}: C{"pool:"} and the pool's name (C{"pool:app"}), so that
+the metrics' C{listener} label tells the pools apart from the listeners
+and from each other.  L{ExpiryItem.pool} has the pool's name alone.
 """
 
 CRL: Final = "crl"
@@ -68,14 +90,16 @@ Seconds between two daily expiry checks.
 """
 
 EXPIRING_FORMAT: Final = (
-    "Expiry warning: {kind} {subject} of listener {listener} ({file})"
+    "Expiry warning: {kind} {subject} of {owner} ({file})"
     " {state} {not_after} ({days_left} days left)"
 )
 """
 The C{log_format} of the warning logged for each item due within
 C{expiry_warning_days}.  Fields: those of L{ExpiryItem.asDict}, plus
-C{state} (C{"expires"}, or C{"expired"} for an item already past) and
-C{days_left} (whole days, negative once past) and C{warning_days}.
+C{owner} (L{ExpiryItem.owner}: C{"listener public"}, C{"pool app
+[pools.tls]"}), C{state} (C{"expires"}, or C{"expired"} for an item
+already past) and C{days_left} (whole days, negative once past) and
+C{warning_days}.
 """
 
 
@@ -84,9 +108,11 @@ class ExpiryItem:
     """
     When one certificate or CRL in force runs out.
 
-    @ivar listener: The listener's name.
+    @ivar listener: The listener's name (C{"status"} for the status
+        endpoint); for a pool's C{[pools.tls]} material L{POOL_PREFIX} and
+        the pool's name (C{"pool:app"}).
     @ivar kind: L{SERVER_CERTIFICATE}, L{CHAIN_CERTIFICATE},
-        L{CA_CERTIFICATE} or L{CRL}.
+        L{CLIENT_CERTIFICATE}, L{CA_CERTIFICATE} or L{CRL}.
     @ivar file: The file it was read from, or L{None} if not known.
     @ivar subject: The certificate's subject, or the CRL's issuer (RFC 4514).
     @ivar serial: The certificate's serial number (lower-case hex); L{None}
@@ -97,6 +123,8 @@ class ExpiryItem:
         (negative once past); L{None} without C{not_after}.
     @ivar validity_seconds: The length of its validity (notBefore to
         notAfter, thisUpdate to nextUpdate), or L{None}.
+    @ivar pool: For the material of a pool's C{[pools.tls]}, the pool's
+        name; L{None} for a listener's.
     """
 
     listener: str
@@ -107,6 +135,17 @@ class ExpiryItem:
     not_after: Optional[datetime]
     seconds_left: Optional[float]
     validity_seconds: Optional[float] = None
+    pool: Optional[str] = None
+
+    @property
+    def owner(self) -> str:
+        """
+        Whose material it is, for messages: C{"listener public"} or
+        C{"pool app [pools.tls]"}.
+        """
+        if self.pool is not None:
+            return f"pool {self.pool} [pools.tls]"
+        return f"listener {self.listener}"
 
     def asDict(self) -> dict[str, Any]:
         """
@@ -134,20 +173,31 @@ class ExpiryItem:
         return self.dueWithin(seconds)
 
 
-def _listenerItems(
-    listener: str, material: ListenerMaterial, now: datetime
-) -> list[ExpiryItem]:
+class _Items:
     """
-    The items of one listener's material, each certificate and CRL once.
+    Collects the items of one listener's or pool's material, each
+    certificate and CRL once.
     """
-    items: list[ExpiryItem] = []
-    seen: set[tuple[str, bytes]] = set()
 
-    def add(kind: str, item: x509.Certificate | x509.CertificateRevocationList) -> None:
+    def __init__(
+        self,
+        listener: str,
+        sourceOf: Callable[[Union[x509.Certificate, x509.CertificateRevocationList]], Optional[str]],
+        now: datetime,
+        pool: Optional[str] = None,
+    ) -> None:
+        self.listener = listener
+        self.sourceOf = sourceOf
+        self.now = now
+        self.pool = pool
+        self.items: list[ExpiryItem] = []
+        self._seen: set[tuple[str, bytes]] = set()
+
+    def add(self, kind: str, item: Union[x509.Certificate, x509.CertificateRevocationList]) -> None:
         key = (kind, sourceKey(item))
-        if key in seen:
+        if key in self._seen:
             return
-        seen.add(key)
+        self._seen.add(key)
         if isinstance(item, x509.Certificate):
             subject = item.subject.rfc4514_string()
             serial: Optional[str] = f"{item.serial_number:x}"
@@ -160,44 +210,83 @@ def _listenerItems(
             notAfter = item.next_update_utc
         left = validity = None
         if notAfter is not None:
-            left = (notAfter - now).total_seconds()
+            left = (notAfter - self.now).total_seconds()
             validity = (notAfter - notBefore).total_seconds()
-        items.append(
+        self.items.append(
             ExpiryItem(
-                listener, kind, material.sourceOf(item), subject, serial, notAfter, left, validity
+                self.listener,
+                kind,
+                self.sourceOf(item),
+                subject,
+                serial,
+                notAfter,
+                left,
+                validity,
+                self.pool,
             )
         )
 
+
+def _listenerItems(
+    listener: str, material: ListenerMaterial, now: datetime
+) -> list[ExpiryItem]:
+    """
+    The items of one listener's material, each certificate and CRL once.
+    """
+    items = _Items(listener, material.sourceOf, now)
     for certificate in material.certificates:
-        add(SERVER_CERTIFICATE, certificate.chain[0])
+        items.add(SERVER_CERTIFICATE, certificate.chain[0])
         for intermediate in certificate.chain[1:]:
-            add(CHAIN_CERTIFICATE, intermediate)
+            items.add(CHAIN_CERTIFICATE, intermediate)
     for certificate in material.certificates:
         cas, crls = material.trustOf(certificate)
         for ca in cas:
-            add(CA_CERTIFICATE, ca)
+            items.add(CA_CERTIFICATE, ca)
         for crl in crls:
-            add(CRL, crl)
+            items.add(CRL, crl)
     for ca in material.cas:
-        add(CA_CERTIFICATE, ca)
+        items.add(CA_CERTIFICATE, ca)
     for crl in material.crls:
-        add(CRL, crl)
-    return items
+        items.add(CRL, crl)
+    return items.items
+
+
+def _poolItems(pool: str, material: BackendTLSMaterial, now: datetime) -> list[ExpiryItem]:
+    """
+    The items of one pool's C{[pools.tls]} material: the client certificate
+    and its intermediates, the CAs that verify members, their CRLs.
+    """
+    sourceOf = getattr(material, "sourceOf", lambda item: None)
+    items = _Items(POOL_PREFIX + pool, sourceOf, now, pool)
+    if material.chain:
+        items.add(CLIENT_CERTIFICATE, material.chain[0])
+        for intermediate in material.chain[1:]:
+            items.add(CHAIN_CERTIFICATE, intermediate)
+    for ca in material.cas:
+        items.add(CA_CERTIFICATE, ca)
+    for crl in material.crls:
+        items.add(CRL, crl)
+    return items.items
 
 
 def expiryReport(
-    materials: Mapping[str, ListenerMaterial], now: datetime
+    materials: Mapping[str, ListenerMaterial],
+    now: datetime,
+    backends: Optional[Mapping[str, BackendTLSMaterial]] = None,
 ) -> list[ExpiryItem]:
     """
-    Every certificate and CRL of C{materials}, soonest to run out first
-    (CRLs without nextUpdate last).
+    Every certificate and CRL of C{materials} and C{backends}, soonest to
+    run out first (CRLs without nextUpdate last).
 
     @param materials: The material in force, by listener name.
     @param now: The time the C{seconds_left} count from.
+    @param backends: The C{[pools.tls]} material in force, by pool name.
     """
     items: list[ExpiryItem] = []
     for listener, material in materials.items():
         items.extend(_listenerItems(listener, material, now))
+    for pool, backend in (backends or {}).items():
+        items.extend(_poolItems(pool, backend, now))
     return sorted(
         items,
         key=lambda i: (i.seconds_left is None, i.seconds_left or 0.0, i.listener, i.kind),
@@ -213,6 +302,8 @@ class ExpiryMonitor:
     @ivar materials: Returns the material in force, by listener name.
     @ivar warningDays: The C{expiry_warning_days} setting.
     @ivar now: Returns the current time.
+    @ivar backends: Returns the C{[pools.tls]} material in force, by pool
+        name.
     """
 
     log = Logger()
@@ -223,21 +314,24 @@ class ExpiryMonitor:
         materials: Callable[[], Mapping[str, ListenerMaterial]],
         warningDays: int,
         now: Optional[Callable[[], datetime]] = None,
+        backends: Optional[Callable[[], Mapping[str, BackendTLSMaterial]]] = None,
     ) -> None:
         """
         @param now: Default the C{clock}'s C{seconds()} as UTC.
+        @param backends: Default no pool material.
         """
         self.clock = clock
         self.materials = materials
         self.warningDays = warningDays
         self.now = now or (lambda: datetime.fromtimestamp(clock.seconds(), timezone.utc))
+        self.backends = backends if backends is not None else (lambda: {})
         self._daily: Optional[IDelayedCall] = None
 
     def report(self) -> list[ExpiryItem]:
         """
         The L{expiryReport} of the material in force, now.
         """
-        return expiryReport(self.materials(), self.now())
+        return expiryReport(self.materials(), self.now(), self.backends())
 
     def check(self) -> list[ExpiryItem]:
         """
@@ -251,6 +345,7 @@ class ExpiryMonitor:
             assert item.seconds_left is not None and item.not_after is not None
             self.log.warn(
                 EXPIRING_FORMAT,
+                owner=item.owner,
                 state="expired" if item.seconds_left < 0 else "expires",
                 days_left=int(item.seconds_left // DAY),
                 warning_days=self.warningDays,

@@ -7,23 +7,28 @@ A L{Reloader} belongs to the running L{mtlsproxy.service.ProxyService}.
 It reloads on C{SIGHUP}, when the admin console's C{reload()} calls
 L{Reloader.reload}, and when the content of a watched file changes: every
 C{reload_poll_interval} seconds it hashes the configuration file and every
-certificate, key, PKCS#12, password, CA and CRL file a TLS listener names,
-opening each path afresh, so that the atomic C{..data} symlink swap of a
-Kubernetes secret volume is seen like any other change.
+certificate, key, PKCS#12, password, CA and CRL file a TLS listener or a
+pool's C{[pools.tls]} names, opening each path afresh, so that the atomic
+C{..data} symlink swap of a Kubernetes secret volume is seen like any other
+change.
 
 A reload is all or nothing up to the point of applying it:
 
   1. the configuration file is read and checked exactly like at start-up
      (L{mtlsproxy.config.loadConfig}, L{mtlsproxy.checks.checkConfiguration});
-  2. new TLS contexts are built for every TLS listener (contexts freeze once
-     used, so they are never changed, only replaced);
+  2. new TLS contexts are built for every TLS listener, and a new
+     L{mtlsproxy.backendtls.BackendTLS} for every pool whose C{[pools.tls]}
+     material or settings changed (contexts freeze once used, so they are
+     never changed, only replaced);
   3. only if all of that worked: each listener's
      L{mtlsproxy.tlscontext.SwappableContextFactory} gets its new factory
      (new handshakes use the new material; established connections keep
-     theirs), pools get their new members and weights in place, relay
-     settings are updated, and established connections whose client
-     certificate chain a new CRL revokes are closed
-     (C{close_revoked_connections}).
+     theirs), each such pool's L{mtlsproxy.backendtls.SwappableBackendTLS}
+     its new L{BackendTLS<mtlsproxy.backendtls.BackendTLS>} (new backend
+     connections and health checks use it; established ones keep theirs),
+     pools get their new members and weights in place, relay settings are
+     updated, and established connections whose client certificate chain a
+     new CRL revokes are closed (C{close_revoked_connections}).
 
 A broken file (bad PEM, a key that does not match, a CRL from an unknown
 issuer or with a bad signature, a file that vanished) stops at step 1 or 2:
@@ -49,6 +54,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .backendtls import BackendTLS, BackendTLSMaterial, SwappableBackendTLS
 from .errors import ConfigurationError
 from .expiry import ExpiryItem, ExpiryMonitor
 from .material import ListenerMaterial
@@ -147,11 +153,14 @@ _APPLIED_POOL_FIELDS = frozenset(
         "eject_after",
         "eject_backoff",
         "eject_backoff_max",
+        "tls",
     }
 )
 """
-The pool settings a reload applies; any other one that changes (health
-checks, backend TLS, ...) needs a restart.
+The pool settings a reload applies (C{tls} through a new
+L{BackendTLS<mtlsproxy.backendtls.BackendTLS>}, unless the pool gains or
+loses the table); any other one that changes (health checks, ...) needs a
+restart.
 """
 
 _APPLIED_TOP_FIELDS = frozenset(
@@ -164,9 +173,10 @@ The top-level settings a reload applies.
 
 def watchedFiles(config: Any) -> list[str]:
     """
-    The files whose content a reload depends on: the configuration file
-    and every certificate, key, PKCS#12, password, CA and CRL file of the
-    TLS listeners, each once, in a stable order.
+    The files whose content a reload depends on: the configuration file,
+    every certificate, key, PKCS#12, password, CA and CRL file of the TLS
+    listeners, and the CA, CRL, certificate and key files of each pool's
+    C{[pools.tls]}, each once, in a stable order.
     """
     paths: list[str] = [config.path]
     for listener in config.listeners:
@@ -181,7 +191,20 @@ def watchedFiles(config: Any) -> list[str]:
                     paths.append(value)
             paths.extend(getattr(entry, "ca_certificates", None) or ())
             paths.extend(getattr(entry, "crls", None) or ())
+    for pool in config.pools:
+        tls = getattr(pool, "tls", None)
+        if tls is not None:
+            paths.extend(_backendTLSFiles(tls))
     return list(dict.fromkeys(paths))
+
+
+def _backendTLSFiles(tls: Any) -> list[str]:
+    """
+    The files of a pool's C{[pools.tls]}: CAs, CRLs, certificate, key.
+    """
+    paths = [*tls.ca_certificates, *tls.crls]
+    paths.extend(path for path in (tls.cert, tls.key) if path is not None)
+    return paths
 
 
 def _fingerprint(path: str) -> Optional[str]:
@@ -235,9 +258,12 @@ class Reloader(Service):
     @ivar reactor: Provides C{callLater}, C{callFromThread} and C{seconds}.
     @ivar configPath: The configuration file.
     @ivar proxy: The running L{mtlsproxy.service.ProxyService}: its
-        C{loaded}, C{listeners}, C{pools}, C{contextFactories} and
-        C{connections} are what a reload reads and updates.
+        C{loaded}, C{listeners}, C{pools}, C{contextFactories},
+        C{backendTLS} and C{connections} are what a reload reads and
+        updates.
     @ivar inForce: The TLS material each listener serves now, by name.
+    @ivar backendsInForce: The C{[pools.tls]} material each pool's
+        backend connections use now, by pool name.
     @ivar expiry: Logs expiring certificates and CRLs of L{inForce}.
     @ivar pollInterval: C{reload_poll_interval}; 0 for no polling.
     @ivar reloads: How many reloads were applied.
@@ -264,9 +290,16 @@ class Reloader(Service):
         self.setName("reloader")
         config = proxy.loaded.config
         self.inForce: dict[str, ListenerMaterial] = dict(proxy.loaded.listeners)
+        self.backendsInForce: dict[str, BackendTLSMaterial] = dict(
+            getattr(proxy.loaded, "backends", {})
+        )
         self.pollInterval = float(getattr(config, "reload_poll_interval", 5.0))
         self.expiry = ExpiryMonitor(
-            reactor, self._materials, int(getattr(config, "expiry_warning_days", 30)), self.now
+            reactor,
+            self._materials,
+            int(getattr(config, "expiry_warning_days", 30)),
+            self.now,
+            backends=lambda: self.backendsInForce,
         )
         self.reloads = 0
         self.lastResult: Optional[ReloadResult] = None
@@ -354,7 +387,8 @@ class Reloader(Service):
         """
         The certificates and CRLs in force, soonest to expire first: a list
         of L{ExpiryItem} (C{listener}, C{kind}, C{file}, C{subject},
-        C{serial}, C{not_after}, C{seconds_left}; C{asDict()} for JSON).
+        C{serial}, C{not_after}, C{seconds_left}, C{pool}; C{asDict()} for
+        JSON), the listeners' and the pools' C{[pools.tls]}.
         """
         return self.expiry.report()
 
@@ -418,11 +452,66 @@ class Reloader(Service):
                 )
             except (ValueError, SSL.Error) as e:
                 return self._fail(trigger, f"{config.path}: listeners[{index}]: {e}", config.path)
-        return self._apply(trigger, loaded, factories)
+        backends: dict[str, tuple[BackendTLS, list[str]]] = {}
+        for index, poolConfig in enumerate(config.pools):
+            changed = self._backendTLSChanges(poolConfig, loaded)
+            if not changed:
+                continue
+            where = f"pools[{index}].tls"
+            assert poolConfig.tls is not None
+            try:
+                built = BackendTLS.fromConfig(
+                    poolConfig.name, poolConfig.tls, loaded.backends[poolConfig.name]
+                )
+            except (ValueError, SSL.Error) as e:
+                files = ", ".join(_backendTLSFiles(poolConfig.tls))
+                return self._fail(
+                    trigger,
+                    f"{config.path}: {where}: pool {poolConfig.name!r}: cannot build the TLS"
+                    f" context from {files}: {e}",
+                    config.path,
+                    where,
+                )
+            backends[poolConfig.name] = (built, changed)
+        return self._apply(trigger, loaded, factories, backends)
 
-    def _apply(self, trigger: str, loaded: Any, factories: dict[str, Any]) -> ReloadResult:
+    def _backendTLSChanges(self, poolConfig: Any, loaded: Any) -> list[str]:
         """
-        Put a checked configuration and its new contexts in service.
+        What changed in a pool's C{[pools.tls]} (settings and the content of
+        its files) against what its connections use now: empty when there
+        is nothing to swap, or when the pool gains or loses the table (that
+        needs a restart, see L{_applyBackendTLS}).
+        """
+        tls = getattr(poolConfig, "tls", None)
+        if tls is None:
+            return []
+        name = poolConfig.name
+        holder = getattr(self.proxy, "backendTLS", {}).get(name)
+        if holder is None:
+            # A new pool gets its backend TLS; a running plain TCP pool
+            # keeps connecting without until a restart.
+            return [] if name in self.proxy.pools else ["new pool"]
+        running = next((p.tls for p in self.proxy.loaded.config.pools if p.name == name), None)
+        changed = [
+            field.name
+            for field in attrs.fields(type(tls))
+            if running is None or getattr(running, field.name) != getattr(tls, field.name)
+        ]
+        inForce = self.backendsInForce.get(name)
+        new = loaded.backends[name]
+        changed += new.differences(inForce) if inForce is not None else ["material"]
+        return list(dict.fromkeys(changed))
+
+    def _apply(
+        self,
+        trigger: str,
+        loaded: Any,
+        factories: dict[str, Any],
+        backends: Optional[dict[str, tuple[BackendTLS, list[str]]]] = None,
+    ) -> ReloadResult:
+        """
+        Put a checked configuration, its new listener contexts and its new
+        backend TLS settings in service.
         """
         changes: list[str] = []
         restart: list[str] = []
@@ -433,6 +522,7 @@ class Reloader(Service):
             # to legacy log observers.)
             self.log.warn("Configuration warning: {text}", text=warning)
         _compareFields(old, new, _APPLIED_TOP_FIELDS, "", restart)
+        self._applyBackendTLS(new, loaded, backends or {}, changes, restart)
         self._applyPools(old, new, changes, restart)
         revoked = self._applyListeners(new, loaded, factories, changes, restart)
         if getattr(new, "drain_timeout", None) != getattr(old, "drain_timeout", None):
@@ -446,7 +536,9 @@ class Reloader(Service):
             self.pollInterval = interval
             self._startPolling()
             changes.append(f"reload_poll_interval = {interval}")
-        self.proxy.loaded = attrs.evolve(loaded, listeners=dict(self.inForce))
+        self.proxy.loaded = attrs.evolve(
+            loaded, listeners=dict(self.inForce), backends=dict(self.backendsInForce)
+        )
         # Keep the fingerprints taken before the files were read.
         self._watched = watchedFiles(new)
         self._fingerprints = {p: self._fingerprints.get(p) for p in self._watched}
@@ -468,6 +560,43 @@ class Reloader(Service):
         return ReloadResult(
             ok=True, changes=tuple(changes), restartNeeded=tuple(restart), revoked=revoked
         )
+
+    def _applyBackendTLS(
+        self,
+        new: Any,
+        loaded: Any,
+        backends: dict[str, tuple[BackendTLS, list[str]]],
+        changes: list[str],
+        restart: list[str],
+    ) -> None:
+        """
+        Put each pool's new backend TLS settings in service: the pool's
+        L{SwappableBackendTLS} (what the relay, the routers and the health
+        checkers hold) gets them in one assignment, so new connections and
+        checks use them and established connections keep theirs.  A new
+        pool gets one.  A running pool that gains or loses C{[pools.tls]}
+        needs a restart.
+        """
+        holders: dict[str, Any] = getattr(self.proxy, "backendTLS", {})
+        wanted = {p.name for p in new.pools}
+        for poolConfig in new.pools:
+            name = poolConfig.name
+            holder = holders.get(name)
+            if name in backends:
+                tls, changed = backends[name]
+                if holder is None:
+                    holders[name] = SwappableBackendTLS(tls)
+                    changes.append(f"pool {name!r}: backend TLS")
+                else:
+                    holder.current = tls
+                    changes.append(f"pool {name!r}: new backend TLS ({', '.join(changed)})")
+                self.backendsInForce[name] = loaded.backends[name]
+            elif name in self.proxy.pools and (holder is None) != (poolConfig.tls is None):
+                change = "added" if holder is None else "removed"
+                restart.append(f"pool {name!r}: [pools.tls] {change}")
+        for name in list(self.backendsInForce):
+            if name not in wanted:
+                del self.backendsInForce[name]
 
     def _applyPools(self, old: Any, new: Any, changes: list[str], restart: list[str]) -> None:
         """
@@ -585,10 +714,36 @@ class Reloader(Service):
         if factory.pool is not pool:
             factory.pool = pool
             changes.append(f"listener {listenerConfig.name!r}: pool {pool.name!r}")
+        # The relay keeps its own dict of the pools' backend TLS: the
+        # holders of running pools are swapped in place; a new pool's is
+        # added so that a listener switched to it connects with TLS.
+        relayTLS = getattr(factory, "backendTLS", None)
+        if isinstance(relayTLS, dict):
+            for name, holder in getattr(self.proxy, "backendTLS", {}).items():
+                relayTLS.setdefault(name, holder)
         poolConfig = next((p for p in new.pools if p.name == pool.name), None)
         if poolConfig is not None:
             factory.connectTimeout = poolConfig.connect_timeout
             factory.maxAttempts = poolConfig.max_connect_attempts
+        if getattr(factory, "router", None) is not None:
+            # The relay asks its router (SNI routes, else the listener's
+            # pool) where a connection goes, and the router's targets hold
+            # the pool and its settings: rebuild it with the new ones (the
+            # routes themselves stay those running: changing them needs a
+            # restart).
+            from .routing import Router
+
+            try:
+                router = Router.fromConfig(
+                    _running(service.listenerConfig, listenerConfig),
+                    new.pools,
+                    self.proxy.pools,
+                    getattr(self.proxy, "backendTLS", {}),
+                )
+            except KeyError as e:
+                restart.append(f"listener {listenerConfig.name!r}: routes to pool {e}")
+            else:
+                factory.router = router.forConnection
         if hasattr(listenerConfig, "handshake_timeout") and hasattr(factory, "timeouts"):
             from .limits import Timeouts
 

@@ -187,12 +187,15 @@ class ProxyService(MultiService):
             p.name: Pool.fromConfig(p, selectorFactory(p.selector).newSelector(), clock=reactor)
             for p in config.pools
         }
-        from .backendtls import BackendTLS
+        from .backendtls import BackendTLS, SwappableBackendTLS
 
         # Mutual TLS to the members of pools with [pools.tls]
-        # (docs/backend-tls.md), for the relay and the health checkers.
+        # (docs/backend-tls.md), for the relay and the health checkers;
+        # each a holder whose current settings a reload swaps.
         self.backendTLS: dict[str, Any] = {
-            p.name: BackendTLS.fromConfig(p.name, p.tls, loaded.backends[p.name])
+            p.name: SwappableBackendTLS(
+                BackendTLS.fromConfig(p.name, p.tls, loaded.backends[p.name])
+            )
             for p in config.pools
             if p.tls is not None
         }

@@ -70,8 +70,11 @@ class ExpiryEntry:
     When one certificate or CRL runs out.
 
     @ivar listener: The listener's name (C{"status"} for the status
-        endpoint's own material).
-    @ivar kind: C{"server_certificate"}, C{"ca_certificate"} or C{"crl"}.
+        endpoint's own material, C{"pool:<name>"} for a pool's
+        C{[pools.tls]} material).
+    @ivar kind: C{"server_certificate"}, C{"chain_certificate"},
+        C{"client_certificate"} (presented to a pool's members),
+        C{"ca_certificate"} or C{"crl"}.
     @ivar subject: The certificate's subject, or the CRL's issuer (RFC
         4514).
     @ivar serial: The certificate's serial number (lowercase hex); L{None}
@@ -79,6 +82,7 @@ class ExpiryEntry:
     @ivar expires: The certificate's notAfter or the CRL's nextUpdate (UTC);
         L{None} for a CRL without nextUpdate.
     @ivar file: The file it was read from, if known.
+    @ivar pool: The pool's name for C{[pools.tls]} material, else L{None}.
     """
 
     listener: str
@@ -87,6 +91,7 @@ class ExpiryEntry:
     serial: Optional[str]
     expires: Optional[datetime]
     file: Optional[str] = None
+    pool: Optional[str] = None
 
     def asDict(self, now: datetime) -> dict[str, Any]:
         """
@@ -95,6 +100,7 @@ class ExpiryEntry:
         """
         return {
             "listener": self.listener,
+            "pool": self.pool,
             "kind": self.kind,
             "subject": self.subject,
             "serial": self.serial,
@@ -181,6 +187,7 @@ def _entryFrom(item: Any) -> Optional[ExpiryEntry]:
         return None
     serial = get("serial")
     path = get("file")
+    pool = get("pool")
     return ExpiryEntry(
         str(listener),
         str(kind),
@@ -188,6 +195,7 @@ def _entryFrom(item: Any) -> Optional[ExpiryEntry]:
         None if serial is None else str(serial),
         expires,
         None if path is None else str(path),
+        None if pool is None else str(pool),
     )
 
 
@@ -196,8 +204,9 @@ def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
     When the certificates and CRLs the proxy uses now run out.
 
     If the proxy has a reloader with an C{expiryReport()} (the material in
-    force after reloads), that is the source for the listeners; otherwise
-    the material loaded at start-up (C{proxy.loaded.listeners}).  The status
+    force after reloads), that is the source for the listeners and the
+    pools' C{[pools.tls]}; otherwise the material loaded at start-up
+    (C{proxy.loaded.listeners}, C{proxy.loaded.backends}).  The status
     endpoint's own material is added (as listener C{"status"}).
 
     @param proxy: The L{mtlsproxy.service.ProxyService}.
@@ -211,8 +220,13 @@ def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
         entries = [_entryFrom(item) for item in report()]
         result.extend(entry for entry in entries if entry is not None)
     else:
+        from .expiry import expiryReport as itemsOf
+
         for name, material in getattr(proxy.loaded, "listeners", {}).items():
             result.extend(_materialEntries(name, material))
+        # The pools' [pools.tls] material.
+        items = itemsOf({}, now, getattr(proxy.loaded, "backends", {}))
+        result.extend(entry for entry in map(_entryFrom, items) if entry is not None)
     statusMaterial = getattr(proxy, "statusMaterial", None)
     if statusMaterial is not None:
         result.extend(_materialEntries("status", statusMaterial))

@@ -351,7 +351,7 @@ def connectToMember(
     proxyTLS = proxyFactory.buildProtocol(None)
     # (TLS protocols forget their application protocol once disconnected.)
     member = memberTLS.wrappedProtocol
-    proxy = proxyTLS.wrappedProtocol
+    proxy = getattr(proxyTLS, "wrappedProtocol", None)
     memberIO = HoldingFakeTransport(memberTLS, isServer=True)
     proxyIO = FakeTransport(
         proxyTLS, isServer=False, peerAddress=IPv4Address("TCP", "10.0.0.1", 8443)
@@ -1118,12 +1118,13 @@ class ConfigurationTests(SynchronousTestCase):
 
     def test_missingFile(self) -> None:
         """
-        When a CA file is missing, the error names the key path and the
-        file.
+        When a CA file is missing, the error names the key path, the pool
+        and the file.
         """
         self.assertProblem(
             'ca_certificates = ["pki/nope.pem"]\n',
-            f"pools[0].tls.ca_certificates[0]: file not found: {self.dir}/pki/nope.pem",
+            f"pools[0].tls.ca_certificates[0]: pool 'app': file not found:"
+            f" {self.dir}/pki/nope.pem",
         )
 
     def test_keyMismatch(self) -> None:

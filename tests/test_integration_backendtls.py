@@ -11,6 +11,7 @@ per connection).
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -34,6 +35,11 @@ class MemberPKI:
     C{untrusted} (from a root the proxy does not trust).  Proxy client
     certificates: C{proxy} (from the root members trust) and C{stranger}
     (from one they do not).
+
+    @ivar root: The members' root CA.
+    @ivar inter: The members' intermediate CA.
+    @ivar clients: The CA of the proxy's client certificates.
+    @ivar issued: The member certificates by name.
     """
 
     def __init__(self, directory: str) -> None:
@@ -43,6 +49,8 @@ class MemberPKI:
         inter = pki.createIntermediateCA(root, "Member Intermediate")
         other = pki.createRootCA("Stranger Root")
         clients = pki.createRootCA("Proxy Client Root")
+        self.root, self.inter, self.clients = root, inter, clients
+        self.issued: dict[str, pki.Issued] = {}
         # The CAs a CRL is checked with must be configured: root and intermediate.
         self.write("member-ca.pem", pki.chainPEM([root.certificate, inter.certificate]))
         self.write("proxy-client-ca.pem", pki.certificatePEM(clients.certificate))
@@ -54,6 +62,7 @@ class MemberPKI:
             certificates = [issued.certificate] + [c.certificate for c in chain]
             self.write(f"{name}.pem", pki.chainPEM(certificates))
             self.write(f"{name}.key", pki.keyPEM(issued.key))
+            self.issued[name] = issued
             return issued
 
         good = {"dnsNames": ["app.internal"], "ipAddresses": ["127.0.0.1"]}
@@ -198,6 +207,7 @@ class BackendTLSTests(SynchronousTestCase):
         members: list[TLSEchoMember],
         serverName: Optional[str] = "app.internal",
         clientCertificate: str = "proxy",
+        topLevel: str = "",
     ) -> ProxyProcess:
         d = self.memberPKI.directory
         name = f'server_name = "{serverName}"\n' if serverName else ""
@@ -210,7 +220,7 @@ class BackendTLSTests(SynchronousTestCase):
             f'cert = "{d}/{clientCertificate}-client.pem"\n'
             f'key = "{d}/{clientCertificate}-client.key"\n'
         )
-        config = tlsConfig(
+        config = topLevel + tlsConfig(
             self.clientPKI.directory, members, extraPool=pool  # type: ignore[arg-type]
         )
         proxy = ProxyProcess(self.dir, config)
@@ -332,3 +342,38 @@ class BackendTLSTests(SynchronousTestCase):
         self.assertTrue(waitFor(lambda: member.rejected), "the member did not reject the proxy")
         self.assertEqual(member.peers, [])
         self.assertEqual(member.received, [])
+
+    def test_reload(self) -> None:
+        """
+        When the proxy's client certificate is replaced and the proxy gets
+        SIGHUP, the member sees the new certificate on the next connection;
+        when a new CRL revokes the member and the proxy gets SIGHUP, the
+        next connection to it is refused as revoked, without a restart.
+        """
+        [member] = self.members("good")
+        proxy = self.startProxy([member], topLevel="reload_poll_interval = 0\n")
+        self.assertEqual(self.exchange(proxy), b"hello\nmember-1 5\n")
+        self.assertEqual(member.peers, ["mtlsproxy-proxy"])
+
+        rotated = pki.issueClientCertificate(self.memberPKI.clients, "mtlsproxy-rotated")
+        self.memberPKI.write("proxy-client.pem", pki.certificatePEM(rotated.certificate))
+        self.memberPKI.write("proxy-client.key", pki.keyPEM(rotated.key))
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGHUP)
+        applied = proxy.waitForLog(r"Reloaded .*\(SIGHUP\).*new backend TLS \(cert, key\)")
+        self.assertIsNotNone(applied, proxy.log())
+        self.assertEqual(self.exchange(proxy), b"hello\nmember-1 5\n")
+        self.assertEqual(member.peers, ["mtlsproxy-proxy", "mtlsproxy-rotated"])
+
+        m = self.memberPKI
+        m.write(
+            "member-crls.pem",
+            pki.crlPEM(pki.buildCRL(m.root, crlNumber=2))
+            + pki.crlPEM(pki.buildCRL(m.inter, [m.issued["good"].certificate], crlNumber=2)),
+        )
+        proxy.process.send_signal(signal.SIGHUP)
+        applied = proxy.waitForLog(r"Reloaded .*\(SIGHUP\).*new backend TLS \(crls\)")
+        self.assertIsNotNone(applied, proxy.log())
+        self.assertEqual(self.exchange(proxy), b"")
+        self.assertLogged(proxy, member, "revoked")
+        self.assertEqual(member.received, [b"hello", b"hello"])

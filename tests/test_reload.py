@@ -20,7 +20,8 @@ from typing import Any, Optional
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -28,8 +29,10 @@ from mtlsproxy import pki
 from mtlsproxy.checks import checkConfiguration
 from mtlsproxy.config import loadConfig
 from mtlsproxy.drain import ConnectionInfo
+from mtlsproxy.backendtls import BACKEND_TLS_FAILED_FORMAT, HOSTNAME_MISMATCH, REVOKED
 from mtlsproxy.expiry import (
     CA_CERTIFICATE,
+    CLIENT_CERTIFICATE,
     CRL,
     DAY,
     EXPIRING_FORMAT,
@@ -52,6 +55,8 @@ from mtlsproxy.revocation import (
     verifiedChainOf,
 )
 from mtlsproxy.service import ProxyService
+from tests.test_backendtls import TLS13 as BACKEND_TLS13
+from tests.test_backendtls import Connection, backendPKI, connectToMember, memberContext
 from tests.test_sni import NamedClient, inMemory
 from tests.test_tlscontext import TLS13, Handshake
 
@@ -773,6 +778,7 @@ class ExpiryTests(_EventsMixin, SynchronousTestCase):
                 "kind",
                 "listener",
                 "not_after",
+                "pool",
                 "seconds_left",
                 "serial",
                 "subject",
@@ -873,3 +879,412 @@ class ExpiryTests(_EventsMixin, SynchronousTestCase):
         states = {e["state"] for e in self.logged(EXPIRING_FORMAT)}
         self.assertIn("expired", states)
         self.assertEqual(expiryReport({}, later), [])
+
+
+# -- [pools.tls] ----------------------------------------------------------------
+
+
+class BackendFixture(ProxyFixture):
+    """
+    L{ProxyFixture} whose pool C{app} connects to its members with mutual
+    TLS (C{[pools.tls]}, the PKI of L{tests.test_backendtls}), with a plain
+    C{tcp} listener C{plain} in front of it too (so that the relay can be
+    driven without a client handshake) and, if asked, a C{tls} health
+    check.
+
+    @ivar backend: The members' PKI (L{tests.test_backendtls.BackendPKI}).
+    @ivar rotated: Another client certificate of the proxy, from the CA
+        the members trust.
+    """
+
+    def __init__(self, testCase: SynchronousTestCase, healthCheck: bool = False, **kwargs: Any) -> None:
+        self.backend = backendPKI()
+        self.rotated = rotatedClient()
+        self.healthCheck = healthCheck
+        super().__init__(testCase, **kwargs)
+
+    def writeConfig(self) -> None:
+        """
+        The listener configuration, a C{tcp} listener, C{[pools.tls]}.
+        """
+        if not os.path.exists(self.path("backend-ca.pem")):
+            self.write(
+                "backend-ca.pem",
+                pki.chainPEM([self.backend.root.certificate, self.backend.inter.certificate]),
+            )
+            self.writeBackendCRLs()
+            self.writeClient(self.backend.proxyClient)
+        super().writeConfig()
+        with open(self.configPath) as f:
+            text = f.read()
+        plain = '[[listeners]]\nname = "plain"\nendpoint = "tcp:0"\nprotocol = "tcp"\npool = "app"\n\n'
+        text = text.replace("[[pools]]\n", plain + "[[pools]]\n", 1)
+        text += (
+            "\n[pools.tls]\n"
+            f'ca_certificates = ["{self.path("backend-ca.pem")}"]\n'
+            f'crls = ["{self.path("backend-crls.pem")}"]\n'
+            f'cert = "{self.path("proxy-client.pem")}"\n'
+            f'key = "{self.path("proxy-client.key")}"\n'
+            'server_name = "app.internal"\n'
+        )
+        if self.healthCheck:
+            text += '\n[pools.health_check]\ntype = "tls"\n'
+        with open(self.configPath, "w") as f:
+            f.write(text)
+
+    def writeBackendCRLs(self, *revoked: pki.Issued, crlNumber: int = 1) -> None:
+        """
+        The CRLs of the members' root and intermediate, the intermediate's
+        revoking C{revoked} (members it issued).
+        """
+        self.write(
+            "backend-crls.pem",
+            pki.crlPEM(pki.buildCRL(self.backend.root, crlNumber=crlNumber))
+            + pki.crlPEM(
+                pki.buildCRL(
+                    self.backend.inter, [r.certificate for r in revoked], crlNumber=crlNumber
+                )
+            ),
+        )
+
+    def writeClient(self, issued: pki.Issued) -> None:
+        """
+        The client certificate (and key) the proxy presents to members.
+        """
+        self.write("proxy-client.pem", pki.certificatePEM(issued.certificate))
+        self.write("proxy-client.key", pki.keyPEM(issued.key))
+
+    def relay(self) -> Connection:
+        """
+        A client connection to the C{tcp} listener: the relay's attempt to
+        reach a member, completed in memory with a member that presents
+        L{BackendPKI.member}.  The client's transport is L{lastClient}.
+        """
+        factory = self.proxy.listeners["plain"].factory
+        client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        protocol = factory.buildProtocol(client.getPeer())
+        protocol.makeConnection(client)
+        protocol.dataReceived(b"request")
+        self.lastClient = client
+        attempt = self.reactor.tcpClients[-1][2]
+        connection = connectToMember(attempt, memberContext(version=BACKEND_TLS13), self.reactor)
+        connection.pump.flush()
+        return connection
+
+
+_ROTATED: Optional[pki.Issued] = None
+
+
+def rotatedClient() -> pki.Issued:
+    """
+    A second client certificate of the proxy, issued by the CA the members
+    trust.
+    """
+    global _ROTATED
+    if _ROTATED is None:
+        _ROTATED = pki.issueClientCertificate(backendPKI().clientRoot, "mtlsproxy rotated")
+    return _ROTATED
+
+
+class BackendTLSReloadTests(_EventsMixin, SynchronousTestCase):
+    """
+    Reloading a pool's C{[pools.tls]}: new backend connections and health
+    checks use the new material, established ones keep theirs, broken
+    files keep the old material.  Real handshakes with members in memory.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.fixture = BackendFixture(self, healthCheck=True)
+        self.proxy = self.fixture.proxy
+
+    def assertRefused(self, connection: Connection, reason: str) -> None:
+        """
+        The relay's attempt failed its handshake with C{reason}: the member
+        received nothing and a C{backend_tls_failed} event says why.
+        """
+        self.assertEqual(connection.member.received, b"")
+        self.assertNotIn("handshakeCompleted", connection.member.events)
+        [event] = self.logged(BACKEND_TLS_FAILED_FORMAT)
+        self.assertEqual((event["reason"], event["pool"]), (reason, "app"))
+
+    def test_revokedMemberRefusedAfterReload(self) -> None:
+        """
+        When a new backend CRL revokes a member's certificate, the next
+        connection to it after the reload is refused as C{revoked}, while
+        the connection made before keeps relaying both ways; the pool's
+        holder is the same object with new settings.
+        """
+        holder = self.proxy.backendTLS["app"]
+        before = holder.current
+        established = self.fixture.relay()
+        client = self.fixture.lastClient
+        self.assertEqual(established.member.received, b"request")
+        self.fixture.writeBackendCRLs(self.fixture.backend.member, crlNumber=2)
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertEqual(result.restartNeeded, ())
+        self.assertIn("pool 'app': new backend TLS (crls)", result.changes)
+        self.assertIs(self.proxy.backendTLS["app"], holder)
+        self.assertIsNot(holder.current, before)
+        refused = self.fixture.relay()
+        self.assertRefused(refused, REVOKED)
+        established.member.transport.write(b"answer")  # type: ignore[union-attr]
+        established.pump.flush()
+        self.assertEqual(client.value(), b"answer")
+        established.proxyTLS.write(b" more")
+        established.pump.flush()
+        self.assertEqual(established.member.received, b"request more")
+
+    def test_rotatedClientCertificate(self) -> None:
+        """
+        When our client certificate and key are replaced, members see the
+        new certificate on the connections made after the reload, from the
+        relay and from the health checker alike.
+        """
+        self.assertEqual(self.fixture.relay().member.peerSubject, "CN=mtlsproxy")
+        self.fixture.writeClient(self.fixture.rotated)
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertIn("pool 'app': new backend TLS (cert, key)", result.changes)
+        self.assertEqual(self.fixture.relay().member.peerSubject, "CN=mtlsproxy rotated")
+        checker = self.proxy.healthMonitors["app"].checker
+        results: list[Any] = []
+        checker.check(self.proxy.pools["app"].members[0]).addBoth(results.append)
+        attempt = self.fixture.reactor.tcpClients[-1][2]
+        check = connectToMember(attempt, memberContext(version=BACKEND_TLS13), self.fixture.reactor)
+        check.pump.flush()
+        self.assertEqual(check.member.peerSubject, "CN=mtlsproxy rotated")
+        [checked] = results
+        self.assertTrue(checked.healthy, checked)
+
+    def assertKeepsOldBackendTLS(self, fileName: str, message: str) -> dict[str, Any]:
+        """
+        A reload fails with an error naming the pool, C{fileName} and
+        C{message}; the old backend TLS stays in service (members still see
+        the old client certificate).
+        """
+        holder = self.proxy.backendTLS["app"]
+        before = holder.current
+        result = self.fixture.reloader.reload()
+        self.assertFalse(result.ok)
+        assert result.error is not None
+        self.assertIn(message, result.error)
+        self.assertIn(self.fixture.path(fileName), result.error)
+        self.assertIn("pool 'app'", result.error)
+        self.assertIs(holder.current, before)
+        [event] = self.logged(RELOAD_FAILED_FORMAT)
+        self.assertEqual(event["error"], result.error)
+        self.assertTrue(event["key"].startswith("pools[0].tls."), event["key"])
+        connection = self.fixture.relay()
+        self.assertEqual(connection.member.received, b"request")
+        self.assertEqual(connection.member.peerSubject, "CN=mtlsproxy")
+        return event
+
+    def test_malformedCRLKeepsOld(self) -> None:
+        """
+        When the new backend CRL file is not a CRL, the reload is refused,
+        the error names the file, the key path and the pool, and the old
+        CRLs stay in force: a member they do not revoke is still served.
+        """
+        self.fixture.write("backend-crls.pem", b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+        event = self.assertKeepsOldBackendTLS("backend-crls.pem", "pool 'app'")
+        self.assertEqual(event["key"], "pools[0].tls.crls[0]")
+        self.assertEqual(self.proxy.loaded.backends["app"].crls, self.fixture.reloader.backendsInForce["app"].crls)
+
+    def test_keyMismatchKeepsOld(self) -> None:
+        """
+        When only our client certificate is replaced (the key no longer
+        matches), the reload is refused naming the key file and the pool.
+        """
+        self.fixture.write("proxy-client.pem", pki.certificatePEM(self.fixture.rotated.certificate))
+        event = self.assertKeepsOldBackendTLS("proxy-client.key", "does not match")
+        self.assertEqual(event["key"], "pools[0].tls.key")
+
+    def test_missingFileKeepsOld(self) -> None:
+        """
+        When the backend CA file vanished, the reload is refused naming it
+        and the pool.
+        """
+        os.remove(self.fixture.path("backend-ca.pem"))
+        self.assertKeepsOldBackendTLS("backend-ca.pem", "file not found")
+
+    def test_unchangedKeepsSettings(self) -> None:
+        """
+        When nothing of [pools.tls] changed, a reload keeps the settings in
+        service (the same context, so TLS sessions stay usable).
+        """
+        holder = self.proxy.backendTLS["app"]
+        before = holder.current
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertIs(holder.current, before)
+        self.assertFalse([c for c in result.changes if "backend TLS" in c], result.changes)
+
+    def test_settingChanged(self) -> None:
+        """
+        When a [pools.tls] setting changes, new connections check the
+        member against it: a server_name its certificate lacks is refused
+        as C{hostname_mismatch}.
+        """
+        with open(self.fixture.configPath) as f:
+            text = f.read()
+        with open(self.fixture.configPath, "w") as f:
+            f.write(text.replace('server_name = "app.internal"', 'server_name = "db.internal"'))
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertIn("pool 'app': new backend TLS (server_name)", result.changes)
+        self.assertRefused(self.fixture.relay(), HOSTNAME_MISMATCH)
+
+    def test_plainPoolGainsTLSNeedsRestart(self) -> None:
+        """
+        When a pool that connects with plain TCP gets a [pools.tls] table,
+        that needs a restart: its members are still connected without TLS.
+        """
+        fixture = ProxyFixture(self)
+        with open(fixture.configPath, "a") as f:
+            f.write(f'\n[pools.tls]\nca_certificates = ["{fixture.path("clients-ca.pem")}"]\n')
+        result = fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertIn("pool 'app': [pools.tls] added", result.restartNeeded)
+        self.assertEqual(fixture.proxy.backendTLS, {})
+
+    def test_newPoolWithTLS(self) -> None:
+        """
+        When a listener is switched to a new pool with [pools.tls], its
+        relay connects to the new pool's members with TLS.
+        """
+        with open(self.fixture.configPath) as f:
+            text = f.read()
+        text = text.replace('protocol = "tcp"\npool = "app"', 'protocol = "tcp"\npool = "other"')
+        tls = text[text.index("[pools.tls]"):].split("\n[pools.health_check]")[0]
+        text += (
+            '\n[[pools]]\nname = "other"\n'
+            '[[pools.members]]\naddress = "127.0.0.1"\nport = 9100\n' + tls
+        )
+        with open(self.fixture.configPath, "w") as f:
+            f.write(text)
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertIn("pool 'other': backend TLS", result.changes)
+        connection = self.fixture.relay()
+        self.assertEqual(self.fixture.reactor.tcpClients[-1][1], 9100)
+        self.assertEqual(connection.member.received, b"request")
+        self.assertEqual(connection.member.peerSubject, "CN=mtlsproxy")
+
+    def test_pollWatchesBackendFiles(self) -> None:
+        """
+        The files of [pools.tls] are watched: replacing the backend CRL
+        file reloads at the next poll.
+        """
+        watched = watchedFiles(self.proxy.loaded.config)
+        for name in ("backend-ca.pem", "backend-crls.pem", "proxy-client.pem", "proxy-client.key"):
+            self.assertIn(self.fixture.path(name), watched)
+        self.proxy.startService()
+        self.addCleanup(self.proxy.stopService)
+        self.assertIsNone(self.fixture.reloader.poll())
+        self.fixture.writeBackendCRLs(self.fixture.backend.member, crlNumber=2)
+        result = self.fixture.reloader.poll()
+        assert result is not None
+        self.assertTrue(result.ok, result)
+        self.assertIn("pool 'app': new backend TLS (crls)", result.changes)
+
+
+class BackendTLSExpiryTests(_EventsMixin, SynchronousTestCase):
+    """
+    The expiry report, warnings, status and metrics with a pool's
+    C{[pools.tls]} material.
+    """
+
+    def test_reportListsPoolMaterial(self) -> None:
+        """
+        The report lists our client certificate, the members' CA and CRLs,
+        labelled with the pool and the file each came from.
+        """
+        fixture = BackendFixture(self)
+        report = fixture.reloader.expiryReport()
+        pool = sorted((i.kind, i.subject, i.file) for i in report if i.pool == "app")
+        self.assertEqual(
+            pool,
+            [
+                (CA_CERTIFICATE, "CN=Backend Intermediate", fixture.path("backend-ca.pem")),
+                (CA_CERTIFICATE, "CN=Backend Root", fixture.path("backend-ca.pem")),
+                (CLIENT_CERTIFICATE, "CN=mtlsproxy", fixture.path("proxy-client.pem")),
+                (CRL, "CN=Backend Intermediate", fixture.path("backend-crls.pem")),
+                (CRL, "CN=Backend Root", fixture.path("backend-crls.pem")),
+            ],
+        )
+        self.assertEqual({i.listener for i in report if i.pool == "app"}, {"pool:app"})
+        client = next(i for i in report if i.kind == CLIENT_CERTIFICATE)
+        self.assertEqual(client.serial, f"{fixture.backend.proxyClient.certificate.serial_number:x}")
+        self.assertEqual(client.asDict()["pool"], "app")
+        self.assertEqual(client.owner, "pool app [pools.tls]")
+
+    def test_statusAndMetrics(self) -> None:
+        """
+        /status's certificate and CRL lists and the expiry gauges include
+        the pool's material.
+        """
+        from mtlsproxy import status
+
+        fixture = BackendFixture(self)
+        data = status.proxyStatus(fixture.proxy, fixture.reactor)
+        client = [c for c in data["certificates"] if c["kind"] == CLIENT_CERTIFICATE]
+        self.assertEqual(
+            [(c["pool"], c["listener"], c["subject"], c["file"]) for c in client],
+            [("app", "pool:app", "CN=mtlsproxy", fixture.path("proxy-client.pem"))],
+        )
+        self.assertEqual(
+            sorted(c["subject"] for c in data["crls"] if c["pool"] == "app"),
+            ["CN=Backend Intermediate", "CN=Backend Root"],
+        )
+        registry = fixture.proxy.metrics.registry
+        self.assertIsNotNone(
+            registry.get_sample_value(
+                "mtlsproxy_certificate_expiry_seconds",
+                {
+                    "listener": "pool:app",
+                    "kind": CLIENT_CERTIFICATE,
+                    "subject": "CN=mtlsproxy",
+                    "serial": f"{fixture.backend.proxyClient.certificate.serial_number:x}",
+                },
+            )
+        )
+        self.assertIsNotNone(
+            registry.get_sample_value(
+                "mtlsproxy_crl_next_update_seconds",
+                {"listener": "pool:app", "issuer": "CN=Backend Intermediate"},
+            )
+        )
+
+    def test_warningAfterReload(self) -> None:
+        """
+        When the reload brings a client certificate that expires within
+        C{expiry_warning_days}, it is logged with its pool and file, and the
+        report has the new certificate instead of the old one.
+        """
+        fixture = BackendFixture(self, days=1)
+        fixture.proxy.startService()
+        self.addCleanup(fixture.proxy.stopService)
+        self.assertEqual(self.logged(EXPIRING_FORMAT), [])
+        soon = pki.issueClientCertificate(
+            fixture.backend.clientRoot,
+            "mtlsproxy soon",
+            notAfter=datetime.now(timezone.utc) + timedelta(hours=5),
+        )
+        fixture.writeClient(soon)
+        self.assertTrue(fixture.reloader.reload().ok)
+        [event] = self.logged(EXPIRING_FORMAT)
+        self.assertEqual(
+            (event["kind"], event["subject"], event["pool"], event["owner"], event["file"]),
+            (
+                CLIENT_CERTIFICATE,
+                "CN=mtlsproxy soon",
+                "app",
+                "pool app [pools.tls]",
+                fixture.path("proxy-client.pem"),
+            ),
+        )
+        self.assertEqual(event["days_left"], 0)
+        clients = [i.subject for i in fixture.reloader.expiryReport() if i.kind == CLIENT_CERTIFICATE]
+        self.assertEqual(clients, ["CN=mtlsproxy soon"])
