@@ -86,7 +86,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .material import PrivateKey, sourceKey
-from .revocation import CRL_EXPIRED_DEFAULT, CRL_MISSING_DEFAULT, CRLExpired, CRLMissing
+from .revocation import (
+    CRL_EXPIRED_DEFAULT,
+    CRL_MISSING_DEFAULT,
+    CRLExpired,
+    CRLIndex,
+    CRLMissing,
+)
 from .tlscontext import TLS12_CIPHERS
 from .tlsproto import TLS13, HalfCloseTLSFactory, HalfCloseTLSProtocol
 from .verify import (
@@ -135,6 +141,7 @@ __all__ = [
     "buildBackendContext",
     "describeFailure",
     "logBackendTLSFailure",
+    "memberConnectionOf",
 ]
 
 log = Logger()
@@ -537,6 +544,9 @@ class BackendTLS:
     @ivar crlExpired: The C{crl_expired} policy.
     @ivar anchors: SHA-256 digests (pyOpenSSL's C{X509.digest} format) of
         the configured self-signed CAs: they need no CRL.
+    @ivar crls: The configured CRLs by issuer, the ones the context checks
+        members against: what a reload checks I{established} connections
+        against (L{mtlsproxy.revocation.closeRevokedBackendConnections}).
     """
 
     poolName: str
@@ -545,6 +555,7 @@ class BackendTLS:
     crlMissing: CRLMissing = CRL_MISSING_DEFAULT
     crlExpired: CRLExpired = CRL_EXPIRED_DEFAULT
     anchors: frozenset[bytes] = frozenset()
+    crls: CRLIndex = attrs.field(factory=lambda: CRLIndex.fromCRLs(()))
     _sessions: weakref.WeakKeyDictionary[SSL.Connection, _Session] = attrs.field(
         factory=weakref.WeakKeyDictionary, init=False, repr=False
     )
@@ -591,6 +602,7 @@ class BackendTLS:
             crlMissing=crlMissing,
             crlExpired=crlExpired,
             anchors=anchors,
+            crls=CRLIndex.fromCRLs(material.crls),
         )
 
     @classmethod
@@ -693,6 +705,31 @@ class BackendTLS:
                 # A post-handshake message (a session ticket): the member
                 # got past our Finished and certificate.
                 session.postHandshakeMessage = True
+
+
+def memberConnectionOf(
+    transport: Any,
+) -> Optional[tuple[BackendConnectionCreator, SSL.Connection]]:
+    """
+    The member and the OpenSSL connection behind an established backend
+    connection, if it is a TLS connection to a member that was verified and
+    accepted.
+
+    @param transport: The transport of a backend connection's application
+        protocol (the relay's or the C{https} listener's): a
+        L{BackendTLSProtocol} for a pool with C{[pools.tls]}, a TCP
+        transport otherwise.
+
+    @return: The creator of the connection (its C{tls.poolName}, C{member}
+        and C{serverName}) and its L{OpenSSL.SSL.Connection}
+        (C{get_peer_cert_chain()}, C{get_verified_chain()}), or L{None}.
+    """
+    if not isinstance(transport, BackendTLSProtocol) or not transport.accepted:
+        return None
+    connection = transport.getHandle()
+    if not isinstance(connection, SSL.Connection):
+        return None
+    return transport.factory.creator, connection
 
 
 class SwappableBackendTLS:

@@ -956,6 +956,9 @@ class BackendTLSConfig:
         chain has a CA without a configured CRL (when C{crls} are set).
     @ivar crl_expired: C{"reject"} or C{"allow"} a member certificate
         checked against a CRL past its nextUpdate.
+    @ivar close_revoked_connections: When a reload brings a CRL that revokes
+        a certificate of a member's chain, close the established
+        connections to that member (and their clients' sides).
     """
 
     ca_certificates: tuple[str, ...] = attrs.field(
@@ -979,6 +982,9 @@ class BackendTLSConfig:
     )
     crl_expired: CRLPolicy = attrs.field(
         default="reject", validator=_oneOf("reject", "allow"), metadata=_key()
+    )
+    close_revoked_connections: bool = attrs.field(
+        default=True, validator=_boolean, metadata=_key()
     )
 
     def __attrs_post_init__(self) -> None:

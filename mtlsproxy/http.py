@@ -277,6 +277,12 @@ class BackendConnectionCache:
             if not idle:
                 del self._idle[key]
 
+    def idleConnections(self) -> list[BackendHTTPProtocol]:
+        """
+        The idle connections now (a copy).
+        """
+        return [backend for idle in self._idle.values() for backend in idle]
+
     def closeOwnedBy(self, owner: object) -> None:
         """
         Close the idle connections that belong to one client connection.
@@ -1541,6 +1547,16 @@ class HTTPProxyProtocol(Protocol):
             bytesIn=self._bytesIn + (exchange.bytesIn if exchange is not None else 0),
             bytesOut=self._bytesOut,
         )
+
+    def backendTransport(self) -> Any:
+        """
+        The transport of the current request's backend connection, or
+        L{None}; what a reload checks against a pool's new CRLs.
+        """
+        backend = self._currentBackend()
+        if backend is None or backend.gone:
+            return None
+        return backend.transport
 
     def closeNow(self, reason: str = "closed_by_operator") -> None:
         """

@@ -1049,6 +1049,17 @@ class ProxyServerProtocol(Protocol):
             bytesOut=self._bytesOut,
         )
 
+    def backendTransport(self) -> Any:
+        """
+        The transport of the established backend connection (a
+        L{BackendTLSProtocol<mtlsproxy.backendtls.BackendTLSProtocol>} for a
+        pool with C{[pools.tls]}), or L{None}; what a reload checks against
+        a pool's new CRLs.
+        """
+        if self._backend is None or self._backendGone:
+            return None
+        return self._backend.transport
+
     def closeNow(self, reason: str = CloseReason.OPERATOR) -> None:
         """
         Close both sides, each after its pending data is flushed (TLS sends

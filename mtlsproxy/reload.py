@@ -28,7 +28,10 @@ A reload is all or nothing up to the point of applying it:
      connections and health checks use it; established ones keep theirs),
      pools get their new members and weights in place, relay settings are
      updated, and established connections whose client certificate chain a
-     new CRL revokes are closed (C{close_revoked_connections}).
+     new CRL revokes are closed (the listener's
+     C{close_revoked_connections}), as are those relayed over TLS to a
+     member whose certificate chain a pool's new CRL revokes (the pool's
+     C{[pools.tls]} C{close_revoked_connections}).
 
 A broken file (bad PEM, a key that does not match, a CRL from an unknown
 issuer or with a bad signature, a file that vanished) stops at step 1 or 2:
@@ -58,7 +61,11 @@ from .backendtls import BackendTLS, BackendTLSMaterial, SwappableBackendTLS
 from .errors import ConfigurationError
 from .expiry import ExpiryItem, ExpiryMonitor
 from .material import ListenerMaterial
-from .revocation import closeRevokedConnections
+from .revocation import (
+    closeRevokedBackendConnections,
+    closeRevokedConnections,
+    closeRevokedIdleBackends,
+)
 
 __all__ = [
     "ABORT_REVOKED_AFTER",
@@ -163,6 +170,13 @@ loses the table); any other one that changes (health checks, ...) needs a
 restart.
 """
 
+_SWEEP_ONLY_TLS_FIELDS = frozenset({"close_revoked_connections"})
+"""
+The C{[pools.tls]} settings that need no new
+L{BackendTLS<mtlsproxy.backendtls.BackendTLS>}: they only decide what a
+reload does to established connections.
+"""
+
 _APPLIED_TOP_FIELDS = frozenset(
     {"path", "listeners", "pools", "drain_timeout", "reload_poll_interval", "expiry_warning_days"}
 )
@@ -230,7 +244,9 @@ class ReloadResult:
     @ivar changes: What was applied.
     @ivar restartNeeded: What needs a restart.
     @ivar revoked: How many established connections were closed because a
-        new CRL revokes their client certificate.
+        new CRL revokes their client's certificate chain or, for a pool
+        with C{[pools.tls]}, their member's (idle backend connections of
+        C{https} listeners included).
     """
 
     ok: bool
@@ -495,7 +511,8 @@ class Reloader(Service):
         changed = [
             field.name
             for field in attrs.fields(type(tls))
-            if running is None or getattr(running, field.name) != getattr(tls, field.name)
+            if field.name not in _SWEEP_ONLY_TLS_FIELDS
+            and (running is None or getattr(running, field.name) != getattr(tls, field.name))
         ]
         inForce = self.backendsInForce.get(name)
         new = loaded.backends[name]
@@ -525,6 +542,7 @@ class Reloader(Service):
         self._applyBackendTLS(new, loaded, backends or {}, changes, restart)
         self._applyPools(old, new, changes, restart)
         revoked = self._applyListeners(new, loaded, factories, changes, restart)
+        revoked += self._sweepPools(new)
         if getattr(new, "drain_timeout", None) != getattr(old, "drain_timeout", None):
             drainer = getattr(self.proxy, "drainer", None)
             if drainer is not None:
@@ -765,6 +783,68 @@ class Reloader(Service):
             self._later(ABORT_REVOKED_AFTER, _abortIfOpen, connection)
         return len(closed)
 
+    def _sweepPools(self, new: Any) -> int:
+        """
+        For each pool with C{[pools.tls]} and C{close_revoked_connections}:
+        close the connections relayed to a member whose chain the pool's
+        CRLs in force revoke, now and again once the connection attempts
+        under way at the reload are over.
+
+        @return: How many connections were closed now.
+        """
+        holders = getattr(self.proxy, "backendTLS", {})
+        revoked = 0
+        for poolConfig in new.pools:
+            tls = getattr(poolConfig, "tls", None)
+            if tls is None or not tls.close_revoked_connections:
+                continue
+            if poolConfig.name not in holders:
+                continue
+            revoked += self._sweepPool(poolConfig.name)
+            # Connection attempts under way verified their member against
+            # the CRLs of their (old) context: TCP and TLS each get up to
+            # connect_timeout.
+            delay = 2 * float(poolConfig.connect_timeout) + _LATE_SWEEP
+            self._later(delay, self._sweepPool, poolConfig.name)
+        return revoked
+
+    def _sweepPool(self, poolName: str) -> int:
+        """
+        Close the established connections (and the idle ones of C{https}
+        listeners) to members of a pool that its backend CRLs in force
+        revoke; abort those that do not go within L{ABORT_REVOKED_AFTER}
+        seconds.
+        """
+        holder = getattr(self.proxy, "backendTLS", {}).get(poolName)
+        if holder is None:
+            return 0
+        crls = holder.current.crls
+        if not len(crls):
+            return 0
+        closed = closeRevokedBackendConnections(self.proxy.connections, poolName, crls)
+        for connection in closed:
+            self._later(ABORT_REVOKED_AFTER, _abortIfOpen, connection)
+        idle: list[Any] = []
+        for name, cache in self._idleBackendCaches():
+            idle += closeRevokedIdleBackends(cache, name, poolName, crls)
+        for backend in idle:
+            self._later(ABORT_REVOKED_AFTER, _abortIdleIfOpen, backend)
+        return len(closed) + len(idle)
+
+    def _idleBackendCaches(self) -> list[tuple[str, Any]]:
+        """
+        The idle backend connections of each C{https} listener, by name.
+        """
+        caches = []
+        for name, service in self.proxy.listeners.items():
+            factory = getattr(service, "factory", None)
+            while factory is not None and not hasattr(factory, "backends"):
+                factory = getattr(factory, "wrappedFactory", None)
+            cache = getattr(factory, "backends", None)
+            if cache is not None and hasattr(cache, "idleConnections"):
+                caches.append((name, cache))
+        return caches
+
     def _lateSweep(self, listenerName: str, listenerConfig: Any) -> None:
         """
         Check again once the handshakes under way at the reload are over:
@@ -811,6 +891,14 @@ def _abortIfOpen(connection: Any) -> None:
     """
     if getattr(getattr(connection, "phase", None), "value", None) != "closed":
         connection.abort()
+
+
+def _abortIdleIfOpen(backend: Any) -> None:
+    """
+    Abort an idle backend connection closed earlier that is still not gone.
+    """
+    if not getattr(backend, "gone", True):
+        backend.abort()
 
 
 def _running(was: Any, wanted: Any) -> Any:

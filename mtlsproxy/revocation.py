@@ -22,7 +22,13 @@ This module holds what is ours rather than OpenSSL's:
     during a handshake, so when a reload brings a CRL that revokes a
     certificate a live connection was verified with (its leaf or any CA of
     its verified chain), L{closeRevokedConnections} finds and closes it
-    (C{close_revoked_connections = true}, the default).
+    (C{close_revoked_connections = true}, the default).  The same goes for
+    the other side: when a reload brings a pool's C{[pools.tls]} a CRL that
+    revokes a certificate of a member's chain,
+    L{closeRevokedBackendConnections} closes the relayed connections to that
+    member, client side too, and L{closeRevokedIdleBackends} the idle ones
+    the C{https} listener keeps for reuse (the pool's
+    C{close_revoked_connections = true}, the default).
 
 Nothing here does I/O or blocks; an index is built once per listener
 context and only read afterwards.
@@ -51,8 +57,11 @@ __all__ = [
     "ChainLink",
     "REVOKED_LIVE",
     "REVOKED_LIVE_FORMAT",
+    "REVOKED_MEMBER_FORMAT",
     "Revocation",
+    "closeRevokedBackendConnections",
     "closeRevokedConnections",
+    "closeRevokedIdleBackends",
     "revocationIn",
     "verifiedChainOf",
 ]
@@ -298,6 +307,30 @@ certificate as C{clientSubject} and C{clientSerial}.
 """
 
 
+REVOKED_MEMBER_FORMAT: Final = (
+    "Closing connection {connectionId} of {peer} on listener {listener}:"
+    " {reason}: member {member} of pool {pool} presents certificate {serial}"
+    " ({subject}, issued by {issuer}), which is revoked"
+)
+"""
+The C{log_format} of the event (level C{warn}) logged for every connection
+L{closeRevokedBackendConnections} or L{closeRevokedIdleBackends} closes.
+Fields: C{reason} (L{REVOKED_LIVE}), C{connectionId} (L{None} for an idle
+backend connection), C{peer} (the client's C{host:port}, or
+C{"none (idle)"}), C{listener}, C{pool}, C{member} (C{host:port}); the
+revoked certificate's C{serial}, C{subject}, C{issuer}, C{depth} (0 is the
+member's own certificate), C{revocationDate} and C{revocationReason} as in
+L{REVOKED_LIVE_FORMAT}; and the member's own certificate as
+C{memberSubject} and C{memberSerial}.
+"""
+
+_NOT_ESTABLISHED: Final = frozenset({"new", "handshaking", "closed"})
+"""
+The phases (L{mtlsproxy.drain.ConnectionInfo.phase}) of connections a
+sweep leaves alone.
+"""
+
+
 @attrs.frozen
 class ChainLink:
     """
@@ -402,6 +435,65 @@ def _reasonName(entry: x509.RevokedCertificate) -> Optional[str]:
     return str(extension.value.reason.value)
 
 
+def _revocationFields(chain: tuple[ChainLink, ...], revocation: Revocation) -> dict[str, Any]:
+    """
+    The fields every revocation event has: the revoked certificate, its CRL
+    entry.
+    """
+    link, entry = revocation.link, revocation.entry
+    return {
+        "reason": REVOKED_LIVE,
+        "serial": f"{link.serial:x}",
+        "subject": link.subject.rfc4514_string(),
+        "issuer": link.issuer.rfc4514_string(),
+        "depth": link.depth,
+        "revocationDate": entry.revocation_date_utc.isoformat(),
+        "revocationReason": _reasonName(entry),
+    }
+
+
+def _closeRevoked(
+    connections: Iterable[Any],
+    crls: CRLIndex,
+    chainOf: Any,
+    logFormat: str,
+) -> list[Any]:
+    """
+    The sweep behind L{closeRevokedConnections} and
+    L{closeRevokedBackendConnections}: close every established connection
+    whose chain (as C{chainOf} finds it) C{crls} revoke, with
+    L{REVOKED_LIVE} as its close reason, and log each.
+
+    @param chainOf: Called with a connection and its
+        L{ConnectionInfo<mtlsproxy.drain.ConnectionInfo>}: the chain to
+        check and the event's fields that describe whose it is, or L{None}
+        to leave the connection alone.
+    """
+    closed = []
+    for connection in connections:
+        info = connection.describe()
+        if info.phase in _NOT_ESTABLISHED:
+            continue
+        found = chainOf(connection, info)
+        if found is None:
+            continue
+        chain, fields = found
+        revocation = revocationIn(chain, crls)
+        if revocation is None:
+            continue
+        log.warn(
+            logFormat,
+            connectionId=info.id,
+            peer=info.peer,
+            listener=info.listener,
+            **fields,
+            **_revocationFields(chain, revocation),
+        )
+        connection.closeNow(REVOKED_LIVE)
+        closed.append(connection)
+    return closed
+
+
 def closeRevokedConnections(
     connections: Iterable[Any], listenerName: str, crls: CRLIndex
 ) -> list[Any]:
@@ -420,31 +512,109 @@ def closeRevokedConnections(
 
     @return: The connections closed.
     """
-    closed = []
-    for connection in connections:
-        info = connection.describe()
-        if info.listener != listenerName or info.phase in ("new", "handshaking", "closed"):
-            continue
+
+    def clientChain(connection: Any, info: Any) -> Optional[tuple[tuple[ChainLink, ...], dict[str, Any]]]:
+        if info.listener != listenerName:
+            return None
         chain = verifiedChainOf(connection)
+        if not chain:
+            return None
+        return chain, {
+            "clientSubject": chain[0].subject.rfc4514_string(),
+            "clientSerial": f"{chain[0].serial:x}",
+        }
+
+    return _closeRevoked(connections, crls, clientChain, REVOKED_LIVE_FORMAT)
+
+
+def _memberChain(
+    transport: Any, poolName: str
+) -> Optional[tuple[tuple[ChainLink, ...], dict[str, Any]]]:
+    """
+    The verified chain of the member at the other end of an established
+    backend TLS connection of pool C{poolName}, and the event fields naming
+    the member; L{None} for a connection of another pool or without TLS.
+    """
+    from .backendtls import memberConnectionOf
+
+    found = memberConnectionOf(transport)
+    if found is None:
+        return None
+    creator, connection = found
+    if creator.tls.poolName != poolName:
+        return None
+    chain = verifiedChainOf(connection)
+    if not chain:
+        return None
+    return chain, {
+        "pool": poolName,
+        "member": creator.member,
+        "memberSubject": chain[0].subject.rfc4514_string(),
+        "memberSerial": f"{chain[0].serial:x}",
+    }
+
+
+def closeRevokedBackendConnections(
+    connections: Iterable[Any], poolName: str, crls: CRLIndex
+) -> list[Any]:
+    """
+    Close the established connections relayed over TLS to a member of pool
+    C{poolName} whose certificate chain C{crls} now revoke, both sides, and
+    log each (L{REVOKED_MEMBER_FORMAT}).
+
+    OpenSSL checked the member's chain against the pool's CRLs of the time
+    of the handshake; this checks the chain it verified then
+    (L{verifiedChainOf} of the backend connection) against the new ones.
+
+    @param connections: The live connections, as the
+        L{mtlsproxy.drain.ConnectionRegistry} holds them; those with a
+        C{backendTransport()} (the relay's, the C{https} listener's) are
+        looked at.
+    @param poolName: Only connections made with this pool's backend TLS are
+        looked at.
+    @param crls: The pool's CRLs after the reload.
+
+    @return: The connections closed.
+    """
+
+    def memberChain(connection: Any, info: Any) -> Optional[tuple[tuple[ChainLink, ...], dict[str, Any]]]:
+        backendTransport = getattr(connection, "backendTransport", None)
+        if backendTransport is None:
+            return None
+        return _memberChain(backendTransport(), poolName)
+
+    return _closeRevoked(connections, crls, memberChain, REVOKED_MEMBER_FORMAT)
+
+
+def closeRevokedIdleBackends(
+    cache: Any, listenerName: str, poolName: str, crls: CRLIndex
+) -> list[Any]:
+    """
+    Close the idle backend connections an C{https} listener keeps for reuse
+    (its L{BackendConnectionCache<mtlsproxy.http.BackendConnectionCache>})
+    that go over TLS to a member of pool C{poolName} whose chain C{crls}
+    now revoke, and log each (L{REVOKED_MEMBER_FORMAT}, without a client).
+
+    @return: The backend connections closed.
+    """
+    closed = []
+    for backend in cache.idleConnections():
+        found = _memberChain(backend.transport, poolName)
+        if found is None:
+            continue
+        chain, fields = found
         revocation = revocationIn(chain, crls)
         if revocation is None:
             continue
-        link, entry = revocation.link, revocation.entry
         log.warn(
-            REVOKED_LIVE_FORMAT,
-            reason=REVOKED_LIVE,
-            connectionId=info.id,
-            peer=info.peer,
+            REVOKED_MEMBER_FORMAT,
+            connectionId=None,
+            peer="none (idle)",
             listener=listenerName,
-            serial=f"{link.serial:x}",
-            subject=link.subject.rfc4514_string(),
-            issuer=link.issuer.rfc4514_string(),
-            depth=link.depth,
-            revocationDate=entry.revocation_date_utc.isoformat(),
-            revocationReason=_reasonName(entry),
-            clientSubject=chain[0].subject.rfc4514_string(),
-            clientSerial=f"{chain[0].serial:x}",
+            **fields,
+            **_revocationFields(chain, revocation),
         )
-        connection.closeNow(REVOKED_LIVE)
-        closed.append(connection)
+        cache.discard(backend)
+        backend.close()
+        closed.append(backend)
     return closed

@@ -11,12 +11,15 @@ per connection).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import ssl
 import threading
+import time
 from typing import Any, Optional
 
+from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtlsproxy import pki
@@ -377,3 +380,55 @@ class BackendTLSTests(SynchronousTestCase):
         self.assertEqual(self.exchange(proxy), b"")
         self.assertLogged(proxy, member, "revoked")
         self.assertEqual(member.received, [b"hello", b"hello"])
+
+    def test_reloadClosesRevokedMember(self) -> None:
+        """
+        When a new CRL revokes the member and the proxy gets SIGHUP, the
+        client connection relayed to it is closed (the client reads the
+        end) and the proxy logs the member, the pool and the client.
+        """
+        [member] = self.members("good")
+        proxy = self.startProxy([member], topLevel="reload_poll_interval = 0\n")
+        sock = socket.create_connection(("127.0.0.1", proxy.ports["mtls"]), timeout=20)
+        self.addCleanup(sock.close)
+        conn = SSL.Connection(clientContext(self.clientPKI, "client"), sock)
+        conn.set_connect_state()
+        sock.setblocking(False)
+        deadline = time.monotonic() + 20
+
+        def retry(f: Any) -> Any:
+            while True:
+                try:
+                    return f()
+                except (SSL.WantReadError, SSL.WantWriteError):
+                    self.assertLess(time.monotonic(), deadline, proxy.log())
+                    select.select([sock], [], [], 0.05)
+
+        retry(conn.do_handshake)
+        retry(lambda: conn.sendall(b"hello"))
+        self.assertTrue(waitFor(lambda: member.peers), proxy.log())
+
+        m = self.memberPKI
+        m.write(
+            "member-crls.pem",
+            pki.crlPEM(pki.buildCRL(m.root, crlNumber=2))
+            + pki.crlPEM(pki.buildCRL(m.inter, [m.issued["good"].certificate], crlNumber=2)),
+        )
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGHUP)
+        closed = proxy.waitForLog(
+            rf"revoked_live: member 127\.0\.0\.1:{member.port} of pool app presents certificate"
+            rf" {m.issued['good'].certificate.serial_number:x}"
+        )
+        self.assertIsNotNone(closed, proxy.log())
+        self.assertIsNotNone(proxy.waitForLog(r"Reloaded .*\(SIGHUP\).* 1 revoked connection"), proxy.log())
+        received = b""
+        try:
+            while True:
+                data = retry(lambda: conn.recv(4096))
+                if not data:
+                    break
+                received += data
+        except (SSL.ZeroReturnError, SSL.SysCallError):
+            pass
+        self.assertNotIn(b"member-1", received)

@@ -22,7 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtlsproxy import pki
@@ -50,13 +52,23 @@ from mtlsproxy.reload import (
 from mtlsproxy.revocation import (
     REVOKED_LIVE,
     REVOKED_LIVE_FORMAT,
+    REVOKED_MEMBER_FORMAT,
     CRLIndex,
+    closeRevokedBackendConnections,
     closeRevokedConnections,
+    closeRevokedIdleBackends,
     verifiedChainOf,
 )
 from mtlsproxy.service import ProxyService
 from tests.test_backendtls import TLS13 as BACKEND_TLS13
-from tests.test_backendtls import Connection, backendPKI, connectToMember, memberContext
+from tests.test_backendtls import (
+    AttemptFactory,
+    Connection,
+    Member,
+    backendPKI,
+    connectToMember,
+    memberContext,
+)
 from tests.test_sni import NamedClient, inMemory
 from tests.test_tlscontext import TLS13, Handshake
 
@@ -901,6 +913,7 @@ class BackendFixture(ProxyFixture):
         self.backend = backendPKI()
         self.rotated = rotatedClient()
         self.healthCheck = healthCheck
+        self.closeRevoked: Optional[bool] = None
         super().__init__(testCase, **kwargs)
 
     def writeConfig(self) -> None:
@@ -927,6 +940,8 @@ class BackendFixture(ProxyFixture):
             f'key = "{self.path("proxy-client.key")}"\n'
             'server_name = "app.internal"\n'
         )
+        if self.closeRevoked is not None:
+            text += f"close_revoked_connections = {str(self.closeRevoked).lower()}\n"
         if self.healthCheck:
             text += '\n[pools.health_check]\ntype = "tls"\n'
         with open(self.configPath, "w") as f:
@@ -954,20 +969,24 @@ class BackendFixture(ProxyFixture):
         self.write("proxy-client.pem", pki.certificatePEM(issued.certificate))
         self.write("proxy-client.key", pki.keyPEM(issued.key))
 
-    def relay(self) -> Connection:
+    def relay(self, leaf: Optional[pki.Issued] = None, clientPort: int = 40000) -> Connection:
         """
         A client connection to the C{tcp} listener: the relay's attempt to
         reach a member, completed in memory with a member that presents
-        L{BackendPKI.member}.  The client's transport is L{lastClient}.
+        C{leaf} (default L{BackendPKI.member}).  The client's transport is
+        L{lastClient}, its protocol L{lastRelay}.
         """
         factory = self.proxy.listeners["plain"].factory
-        client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", clientPort))
         protocol = factory.buildProtocol(client.getPeer())
         protocol.makeConnection(client)
         protocol.dataReceived(b"request")
         self.lastClient = client
+        self.lastRelay = protocol
         attempt = self.reactor.tcpClients[-1][2]
-        connection = connectToMember(attempt, memberContext(version=BACKEND_TLS13), self.reactor)
+        connection = connectToMember(
+            attempt, memberContext(leaf, version=BACKEND_TLS13), self.reactor
+        )
         connection.pump.flush()
         return connection
 
@@ -1011,15 +1030,19 @@ class BackendTLSReloadTests(_EventsMixin, SynchronousTestCase):
     def test_revokedMemberRefusedAfterReload(self) -> None:
         """
         When a new backend CRL revokes a member's certificate, the next
-        connection to it after the reload is refused as C{revoked}, while
-        the connection made before keeps relaying both ways; the pool's
-        holder is the same object with new settings.
+        connection to it after the reload is refused as C{revoked}; with
+        the pool's C{close_revoked_connections = false} the connection made
+        before keeps relaying both ways (L{BackendLiveRevocationTests} for
+        the default); the pool's holder is the same object with new
+        settings.
         """
         holder = self.proxy.backendTLS["app"]
         before = holder.current
         established = self.fixture.relay()
         client = self.fixture.lastClient
         self.assertEqual(established.member.received, b"request")
+        self.fixture.closeRevoked = False
+        self.fixture.writeConfig()
         self.fixture.writeBackendCRLs(self.fixture.backend.member, crlNumber=2)
         result = self.fixture.reloader.reload()
         self.assertTrue(result.ok, result)
@@ -1188,6 +1211,274 @@ class BackendTLSReloadTests(_EventsMixin, SynchronousTestCase):
         assert result is not None
         self.assertTrue(result.ok, result)
         self.assertIn("pool 'app': new backend TLS (crls)", result.changes)
+
+
+_SECOND_MEMBER: Optional[pki.Issued] = None
+
+
+@attrs.define(eq=False)
+class _IdleBackend:
+    """
+    What L{mtlsproxy.http.BackendConnectionCache} keeps of an idle backend
+    connection, over a real TLS connection to a member.
+    """
+
+    transport: Any
+    member: Any
+    owner: object = None
+    gone: bool = False
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+
+def secondMember() -> pki.Issued:
+    """
+    The certificate of another member of the pool, from the same
+    intermediate as L{BackendPKI.member}.
+    """
+    global _SECOND_MEMBER
+    if _SECOND_MEMBER is None:
+        _SECOND_MEMBER = pki.issueServerCertificate(
+            backendPKI().inter, "app.internal", dnsNames=["app.internal"]
+        )
+    return _SECOND_MEMBER
+
+
+class BackendLiveRevocationTests(_EventsMixin, SynchronousTestCase):
+    """
+    A reload whose C{[pools.tls]} CRLs revoke a member's certificate closes
+    the established relays to that member (C{close_revoked_connections} of
+    the pool).  Real handshakes with members in memory.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.fixture = BackendFixture(self)
+        self.proxy = self.fixture.proxy
+        self.proxy.startService()
+        self.addCleanup(self.proxy.stopService)
+        self.backend = self.fixture.backend
+
+    def relay(self, leaf: Optional[pki.Issued], port: int) -> tuple[Connection, StringTransport, Any]:
+        connection = self.fixture.relay(leaf, clientPort=port)
+        self.assertEqual(connection.member.received, b"request")
+        return connection, self.fixture.lastClient, self.fixture.lastRelay
+
+    def assertRelays(self, connection: Connection, client: StringTransport) -> None:
+        """
+        The relay still carries bytes both ways.
+        """
+        self.assertFalse(client.disconnecting)
+        connection.member.transport.write(b"answer")
+        connection.pump.flush()
+        self.assertTrue(client.value().endswith(b"answer"))
+        connection.proxyTLS.write(b" more")
+        connection.pump.flush()
+        self.assertTrue(connection.member.received.endswith(b" more"))
+
+    def test_chainOfBackendConnection(self) -> None:
+        """
+        The relay's backend transport is the TLS connection to the member:
+        its verified chain is the member's certificate up to the root.
+        """
+        self.relay(None, 40000)
+        relay = self.fixture.lastRelay
+        chain = verifiedChainOf(relay.backendTransport())
+        self.assertEqual(
+            [link.serial for link in chain],
+            [
+                self.backend.member.certificate.serial_number,
+                self.backend.inter.certificate.serial_number,
+                self.backend.root.certificate.serial_number,
+            ],
+        )
+
+    def test_revokedMemberClosed(self) -> None:
+        """
+        When a reloaded pool CRL revokes a member's certificate, the relay
+        to that member is closed on both sides with C{revoked_live}, and a
+        warning names the pool, the member, the serial and the client; the
+        relay to another member goes on.
+        """
+        revoked, revokedClient, revokedRelay = self.relay(self.backend.member, 40000)
+        other, otherClient, _ = self.relay(secondMember(), 40001)
+        self.fixture.writeBackendCRLs(self.backend.member, crlNumber=2)
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertEqual(result.revoked, 1)
+        self.assertTrue(revokedClient.disconnecting)
+        revoked.pump.flush()
+        # The member got the proxy's close_notify.
+        self.assertIn("readConnectionLost", revoked.member.events)
+        [event] = self.logged(REVOKED_MEMBER_FORMAT)
+        self.assertEqual(event["reason"], REVOKED_LIVE)
+        self.assertEqual(event["pool"], "app")
+        self.assertEqual(event["member"], revokedRelay.describe().backend)
+        self.assertEqual(event["serial"], f"{self.backend.member.certificate.serial_number:x}")
+        self.assertEqual(event["memberSerial"], event["serial"])
+        self.assertEqual(event["depth"], 0)
+        self.assertEqual(event["peer"], "192.0.2.7:40000")
+        self.assertEqual(event["listener"], "plain")
+        self.assertEqual(event["connectionId"], revokedRelay.connectionId)
+        self.assertEqual(revokedRelay.phase.value, "closing")
+        revoked.member.transport.loseConnection()
+        revoked.pump.flush()
+        revokedRelay.connectionLost(Failure(ConnectionDone()))
+        [access] = [e for e in self.events if e.get("close_reason") is not None]
+        self.assertEqual(access["close_reason"], REVOKED_LIVE)
+        self.assertRelays(other, otherClient)
+
+    def test_revokedIntermediateClosed(self) -> None:
+        """
+        A reloaded root CRL that revokes the intermediate CA of the
+        members' chain closes the relays through it (depth 1).
+        """
+        connection, client, _ = self.relay(None, 40000)
+        self.fixture.write(
+            "backend-crls.pem",
+            pki.crlPEM(pki.buildCRL(self.backend.root, [self.backend.inter.certificate], crlNumber=2))
+            + pki.crlPEM(pki.buildCRL(self.backend.inter, crlNumber=2)),
+        )
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertEqual(result.revoked, 1)
+        self.assertTrue(client.disconnecting)
+        [event] = self.logged(REVOKED_MEMBER_FORMAT)
+        self.assertEqual(event["depth"], 1)
+        self.assertEqual(event["subject"], "CN=Backend Intermediate")
+
+    def test_disabled(self) -> None:
+        """
+        With the pool's C{close_revoked_connections = false}, established
+        relays are left alone; new connections are still refused.
+        """
+        connection, client, _ = self.relay(self.backend.member, 40000)
+        self.fixture.closeRevoked = False
+        self.fixture.writeConfig()
+        self.fixture.writeBackendCRLs(self.backend.member, crlNumber=2)
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertEqual(result.revoked, 0)
+        self.assertEqual(self.logged(REVOKED_MEMBER_FORMAT), [])
+        self.assertRelays(connection, client)
+        refused = self.fixture.relay(self.backend.member, clientPort=40002)
+        self.assertEqual(refused.member.received, b"")
+
+    def test_abortedIfStillOpen(self) -> None:
+        """
+        A relay closed for revocation that is still open 5 seconds later
+        is aborted.
+        """
+        connection, client, relay = self.relay(self.backend.member, 40000)
+        self.fixture.writeBackendCRLs(self.backend.member, crlNumber=2)
+        self.assertEqual(self.fixture.reloader.reload().revoked, 1)
+        backendTransport = relay.backendTransport()
+        aborted: list[bool] = []
+        backendTransport.abortConnection = lambda: aborted.append(True)
+        self.fixture.reactor.advance(5.0)
+        self.assertEqual(aborted, [True])
+
+    def test_connectingLaterSwept(self) -> None:
+        """
+        A relay whose member connection was still being made at the reload
+        (verified against the old CRLs) is checked again once connection
+        attempts started then had to be over.
+        """
+        factory = self.proxy.listeners["plain"].factory
+        client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        protocol = factory.buildProtocol(client.getPeer())
+        protocol.makeConnection(client)
+        protocol.dataReceived(b"request")
+        attempt = self.fixture.reactor.tcpClients[-1][2]
+        self.fixture.writeBackendCRLs(self.backend.member, crlNumber=2)
+        result = self.fixture.reloader.reload()
+        self.assertEqual(result.revoked, 0)
+        # The attempt made before the reload verifies with the old CRLs.
+        connection = connectToMember(
+            attempt, memberContext(version=BACKEND_TLS13), self.fixture.reactor
+        )
+        connection.pump.flush()
+        self.assertEqual(connection.member.received, b"request")
+        self.assertFalse(client.disconnecting)
+        self.fixture.reactor.advance(2 * 5.0 + 1.0)
+        self.assertTrue(client.disconnecting)
+        [event] = self.logged(REVOKED_MEMBER_FORMAT)
+        self.assertEqual(event["peer"], "192.0.2.7:40000")
+
+    def test_otherPoolUntouched(self) -> None:
+        """
+        Only the connections made with the given pool's backend TLS are
+        looked at.
+        """
+        self.relay(self.backend.member, 40000)
+        crls = CRLIndex.fromCRLs(
+            [pki.buildCRL(self.backend.inter, [self.backend.member.certificate])]
+        )
+        self.assertEqual(closeRevokedBackendConnections(self.proxy.connections, "other", crls), [])
+        self.assertEqual(
+            len(closeRevokedBackendConnections(self.proxy.connections, "app", crls)), 1
+        )
+
+    def test_idleHTTPSBackendsClosed(self) -> None:
+        """
+        The idle backend connections an C{https} listener keeps for reuse
+        are closed too when the pool's CRLs revoke their member (without a
+        client to name), and leave the cache so they are not reused;
+        connections to other members stay.
+        """
+        from mtlsproxy.http import BackendConnectionCache
+
+        cache = BackendConnectionCache(self.fixture.reactor)
+        idle = []
+        for leaf in (self.backend.member, secondMember()):
+            attempt = AttemptFactory()
+            connection = connectToMember(
+                self.proxy.backendTLS["app"].wrapFactory(
+                    Member("10.0.0.1"), attempt, self.fixture.reactor, 5.0
+                ),
+                memberContext(leaf, version=BACKEND_TLS13),
+                self.fixture.reactor,
+            )
+            [protocol] = attempt.built
+            backend = _IdleBackend(protocol.transport, leaf)
+            cache.put(backend)
+            idle.append((backend, connection))
+        crls = CRLIndex.fromCRLs(
+            [pki.buildCRL(self.backend.inter, [self.backend.member.certificate])]
+        )
+        closed = closeRevokedIdleBackends(cache, "web", "app", crls)
+        (revoked, revokedConnection), (kept, _) = idle
+        self.assertEqual(closed, [revoked])
+        self.assertEqual(cache.idleConnections(), [kept])
+        revokedConnection.pump.flush()
+        self.assertIn("readConnectionLost", revokedConnection.member.events)
+        [event] = self.logged(REVOKED_MEMBER_FORMAT)
+        self.assertEqual(
+            (event["listener"], event["pool"], event["member"], event["peer"]),
+            ("web", "app", "10.0.0.1:8443", "none (idle)"),
+        )
+        self.assertIsNone(event["connectionId"])
+        self.assertEqual(closeRevokedIdleBackends(cache, "web", "other", crls), [])
+
+    def test_settingParsed(self) -> None:
+        """
+        C{close_revoked_connections} of C{[pools.tls]} defaults to true and
+        changing it alone builds no new backend TLS.
+        """
+        [pool] = loadConfig(self.fixture.configPath).pools
+        assert pool.tls is not None
+        self.assertTrue(pool.tls.close_revoked_connections)
+        self.fixture.closeRevoked = False
+        self.fixture.writeConfig()
+        [pool] = loadConfig(self.fixture.configPath).pools
+        assert pool.tls is not None
+        self.assertFalse(pool.tls.close_revoked_connections)
+        holder = self.proxy.backendTLS["app"]
+        before = holder.current
+        result = self.fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertIs(holder.current, before)
 
 
 class BackendTLSExpiryTests(_EventsMixin, SynchronousTestCase):
