@@ -19,7 +19,9 @@ couple of seconds at most per worker) and merge the answers:
   - C{/healthz}: the supervisor runs;
   - C{/readyz}: ready when every worker answers ready (L{mergeReadiness});
   - C{POST /members/...}: forwarded to every worker, each one's answer
-    reported (L{mergeControl}).
+    reported (L{mergeControl}); the drains still in force are remembered
+    (L{MemberControlMemory}) and replayed to a worker the supervisor starts
+    again, as soon as its status socket answers (L{FanIn.workerStarted}).
 
 A worker that is not running, or does not answer in time, is named in the
 answer (never a hang, never a traceback).
@@ -31,6 +33,7 @@ import json
 import os
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from urllib.parse import quote
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -56,6 +59,7 @@ from .status import StatusService, _Healthz, _json, controlRefusal
 __all__ = [
     "FanIn",
     "FanInResource",
+    "MemberControlMemory",
     "WorkerReply",
     "WorkerStatusClient",
     "mergeControl",
@@ -195,11 +199,25 @@ class FanIn:
 
     @ivar supervisor: The L{mtlsproxy.workers.WorkerSupervisor}: its
         C{workers} (L{mtlsproxy.workers.WorkerState}), C{statusSocket(i)},
-        C{stopping} and C{startedAt}.
+        C{stopping}, C{startedAt} and C{startObservers} (to which this adds
+        L{workerStarted}).
     @ivar client: Sends one request to one worker (L{WorkerStatusClient}).
     @ivar clock: Provides C{seconds()}.
     @ivar registry: The supervisor's own metrics (its C{process_*}).
+    @ivar memory: The member control forwarded that still applies, replayed
+        to a worker started again (L{MemberControlMemory}, L{control}).
     """
+
+    replayDelay = 0.1
+    """Seconds before a drain is replayed to a worker just started, and
+    again while its status socket does not answer; doubled each time up to
+    L{maxReplayDelay}."""
+
+    maxReplayDelay = 1.0
+
+    replayTimeout = 60.0
+    """Seconds after a worker's start when replaying gives up if its status
+    socket still does not answer."""
 
     def __init__(
         self, supervisor: Any, client: Any, clock: Any, registry: Optional[CollectorRegistry] = None
@@ -211,6 +229,9 @@ class FanIn:
             registry = CollectorRegistry(auto_describe=False)
             ProcessCollector(registry=registry)
         self.registry = registry
+        self.memory = MemberControlMemory()
+        self._replays: dict[int, _Replay] = {}
+        supervisor.startObservers.append(self.workerStarted)
 
     def ask(self, method: bytes, path: bytes, accept: Optional[bytes] = None) -> Deferred[list[WorkerReply]]:
         """
@@ -241,6 +262,216 @@ class FanIn:
             return out
 
         return d.addCallback(replies)
+
+    def control(self, path: bytes, pool: str, member: str, action: str) -> Deferred[list[WorkerReply]]:
+        """
+        Forward C{POST /members/<pool>/<member>/<action>} to every worker,
+        and remember it (L{memory}) when at least one worker applied it
+        (answered 200), so that a worker started again later gets it too
+        (L{workerStarted}).
+
+        @param path: The request's path, as the client sent it.
+        @param action: C{"drain"} or C{"enable"}.
+        @return: Fires with every worker's reply, as L{ask}.
+        """
+
+        def remember(replies: list[WorkerReply]) -> list[WorkerReply]:
+            if any(reply.code == 200 for reply in replies):
+                self.memory.applied(pool, member, action)
+            return replies
+
+        return self.ask(b"POST", path).addCallback(remember)
+
+    def workerStarted(self, index: int) -> None:
+        """
+        Worker C{index} was (re)started
+        (L{mtlsproxy.workers.WorkerSupervisor.startObservers}): replay the
+        remembered drains to it once its status socket answers
+        (L{_Replay}), leaving any replay to its previous process.
+        """
+        previous = self._replays.pop(index, None)
+        if previous is not None:
+            previous.stop()
+        if not self.memory.drained():
+            return
+        state = self.supervisor.workers[index]
+        replay = self._replays[index] = _Replay(self, index, state.pid)
+        replay.start()
+
+    def _replayEnded(self, replay: _Replay) -> None:
+        if self._replays.get(replay.worker) is replay:
+            del self._replays[replay.worker]
+
+
+class MemberControlMemory:
+    """
+    The member control a supervisor forwarded to its workers and that
+    still applies: the members an operator drained and has not enabled
+    since, by pool, in the order they were drained.
+
+    An enable forgets the drain (an enabled member is what a worker starts
+    with), so only drains are kept.
+    """
+
+    def __init__(self) -> None:
+        self._drained: dict[tuple[str, str], None] = {}
+
+    def applied(self, pool: str, member: str, action: str) -> None:
+        """
+        The workers applied C{action} (C{"drain"} or C{"enable"}) to
+        C{member} (C{address:port}) of C{pool}.
+        """
+        if action == "drain":
+            self._drained[(pool, member)] = None
+        else:
+            self.forget(pool, member)
+
+    def forget(self, pool: str, member: str) -> None:
+        """
+        Stop remembering a drain of C{member} of C{pool}, if any.
+        """
+        self._drained.pop((pool, member), None)
+
+    def isDrained(self, pool: str, member: str) -> bool:
+        """
+        Whether a drain of C{member} of C{pool} is remembered.
+        """
+        return (pool, member) in self._drained
+
+    def drained(self) -> list[tuple[str, str]]:
+        """
+        (pool, member) of every remembered drain, oldest first.
+        """
+        return list(self._drained)
+
+
+def controlPath(pool: str, member: str, action: str) -> bytes:
+    """
+    The path of C{POST /members/<pool>/<member>/<action>}, each segment
+    quoted as twisted.web unquotes it.
+    """
+    return b"/members/%s/%s/%s" % (
+        quote(pool.encode("utf-8"), safe="").encode("ascii"),
+        quote(member.encode("utf-8"), safe=":[]").encode("ascii"),
+        action.encode("ascii"),
+    )
+
+
+class _Replay:
+    """
+    Sends the remembered drains (L{MemberControlMemory}) to one process of
+    a worker that was just started, one after the other, each as the
+    memory holds it at that time (a drain enabled meanwhile is not sent, a
+    new one is).
+
+    While the worker's status socket does not answer yet (the process is
+    starting), the drain is tried again after L{FanIn.replayDelay}
+    seconds, doubled each time up to L{FanIn.maxReplayDelay}, until it
+    answers, the process is gone (died, or the supervisor stops: a new
+    process gets a new replay) or L{FanIn.replayTimeout} seconds have
+    passed.  A drain the worker refuses (404: the member is gone after a
+    reload) is forgotten.
+
+    @ivar worker: The worker's index.
+    @ivar pid: The process this replay is for.
+    """
+
+    def __init__(self, fanIn: FanIn, worker: int, pid: Optional[int]) -> None:
+        self.fanIn = fanIn
+        self.worker = worker
+        self.pid = pid
+        self._done: set[tuple[str, str]] = set()
+        self._delay = fanIn.replayDelay
+        self._began = fanIn.clock.seconds()
+        self._call: Any = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """
+        Try the first drain after L{FanIn.replayDelay} seconds: the new
+        process needs at least that long to listen.
+        """
+        self._later()
+
+    def stop(self) -> None:
+        """
+        Send nothing more (an answer on its way is ignored).
+        """
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self.fanIn._replayEnded(self)
+
+    def _current(self) -> bool:
+        """
+        Whether this replay should go on: its process still runs.
+        """
+        supervisor = self.fanIn.supervisor
+        if self._stopped:
+            return False
+        if supervisor.stopping or supervisor.workers[self.worker].pid != self.pid:
+            self.stop()
+            return False
+        return True
+
+    def _later(self) -> None:
+        self._call = self.fanIn.clock.callLater(self._delay, self._next)
+        self._delay = min(self._delay * 2, self.fanIn.maxReplayDelay)
+
+    def _next(self) -> None:
+        self._call = None
+        if not self._current():
+            return
+        todo = [key for key in self.fanIn.memory.drained() if key not in self._done]
+        socketPath = self.fanIn.supervisor.statusSocket(self.worker)
+        if not todo or socketPath is None:
+            self.stop()
+            return
+        pool, member = todo[0]
+        self.fanIn.client.fetch(
+            self.worker, socketPath, b"POST", controlPath(pool, member, "drain")
+        ).addCallback(self._answered, pool, member)
+
+    def _answered(self, reply: WorkerReply, pool: str, member: str) -> None:
+        if not self._current():
+            return
+        if not reply.answered:
+            if self.fanIn.clock.seconds() - self._began >= self.fanIn.replayTimeout:
+                log.warn(
+                    "Worker {worker}: gave up replaying the drain of pool {pool} member {member}"
+                    " after {timeout:g}s: {error}",
+                    worker=self.worker,
+                    pool=pool,
+                    member=member,
+                    timeout=self.fanIn.replayTimeout,
+                    error=reply.describe(),
+                )
+                self.stop()
+            else:
+                self._later()
+            return
+        self._done.add((pool, member))
+        if reply.code == 200:
+            log.info(
+                "Worker {worker}: replayed the drain of pool {pool} member {member}",
+                worker=self.worker,
+                pool=pool,
+                member=member,
+            )
+        else:
+            answer = reply.json()
+            log.warn(
+                "Worker {worker} refused the replayed drain of pool {pool} member {member}"
+                " ({error}): forgotten",
+                worker=self.worker,
+                pool=pool,
+                member=member,
+                code=reply.code,
+                error=answer.get("error") if isinstance(answer, dict) and "error" in answer else reply.describe(),
+            )
+            self.fanIn.memory.forget(pool, member)
+        self._next()
 
 
 # ---------------------------------------------------------------------------
@@ -448,6 +679,7 @@ def mergeStatus(
     startedAt: float,
     stopping: bool,
     supervisorPid: int,
+    drainedMembers: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """
     One C{/status} for all the workers, from their answers to C{GET
@@ -459,12 +691,15 @@ def mergeStatus(
     C{draining} if the supervisor or any worker is; connection counts are
     summed; listeners and pool members are merged (see L{_mergeListeners},
     L{_mergePools}); C{certificates} and C{crls} are the first answering
-    worker's (all read the same files).  Added: C{supervisor} and
-    C{workers}, each worker's own report (or why there is none).
+    worker's (all read the same files).  Added: C{supervisor} (with
+    C{drained_members}, the drains it replays to a worker started again)
+    and C{workers}, each worker's own report (or why there is none).
 
     @param workers: The supervisor's L{mtlsproxy.workers.WorkerState}s, in
         the order of C{replies}.
     @param startedAt: When the supervisor started (clock time).
+    @param drainedMembers: (pool, member) of every drain the supervisor
+        remembers (L{MemberControlMemory.drained}).
     """
     entries: list[dict[str, Any]] = []
     statuses: list[dict[str, Any]] = []
@@ -501,7 +736,11 @@ def mergeStatus(
         },
         "certificates": first.get("certificates", []),
         "crls": first.get("crls", []),
-        "supervisor": {"pid": supervisorPid, "workers": len(workers)},
+        "supervisor": {
+            "pid": supervisorPid,
+            "workers": len(workers),
+            "drained_members": [{"pool": pool, "member": member} for pool, member in drainedMembers],
+        },
         "workers": entries,
     }
 
@@ -607,6 +846,7 @@ class _Status(_FanInPage):
                     supervisor.startedAt,
                     supervisor.stopping,
                     os.getpid(),
+                    fanIn.memory.drained(),
                 ),
             )
 
@@ -663,11 +903,12 @@ class _Members(_FanInPage):
         if refusal is not None:
             return refusal
         path = request.postpath or []
+        pool, member, action = (segment.decode("utf-8", "replace") for segment in path)
         self.log.info(
             "Status API: {action} pool {pool} member {member} in every worker",
-            action=path[2].decode("ascii"),
-            pool=path[0].decode("utf-8", "replace"),
-            member=path[1].decode("utf-8", "replace"),
+            action=action,
+            pool=pool,
+            member=member,
         )
 
         def merge(replies: list[WorkerReply]) -> _Answer:
@@ -675,7 +916,9 @@ class _Members(_FanInPage):
             return _jsonAnswer(code, body)
 
         # request.path as the client sent it (still quoted).
-        return self._respond(request, self.fanIn.ask(b"POST", request.path).addCallback(merge))
+        return self._respond(
+            request, self.fanIn.control(request.path, pool, member, action).addCallback(merge)
+        )
 
 
 class FanInResource(Resource):

@@ -37,7 +37,8 @@ endpoint for all of them:
   - on each request to the public endpoint it asks every worker at once
     over those sockets and merges the answers (L{mtlsproxy.fanin}):
     C{/metrics} with a C{worker} label on every sample, C{/status} and
-    C{/readyz} across workers, member control forwarded to every worker.
+    C{/readyz} across workers, member control forwarded to every worker
+    (and its drains replayed to a worker started again).
     A worker that is down or does not answer within a couple of seconds is
     reported as such.
 
@@ -359,6 +360,10 @@ class WorkerSupervisor(MultiService):
     @ivar statusDirectory: The private directory of the workers' status
         sockets while running (with C{statusSockets}), else L{None}.
     @ivar startedAt: When the supervisor started (reactor time).
+    @ivar startObservers: Called with a worker's index each time it is
+        started (its L{WorkerState} updated): the fan-in status endpoint
+        replays member drains to a worker started again
+        (L{mtlsproxy.fanin.FanIn.workerStarted}).
     """
 
     log = Logger()
@@ -425,6 +430,7 @@ class WorkerSupervisor(MultiService):
         self._statusSockets = statusSockets
         self.statusDirectory: Optional[str] = None
         self.startedAt: float = reactor.seconds()
+        self.startObservers: list[Callable[[int], None]] = []
 
     @property
     def stopping(self) -> bool:
@@ -518,6 +524,8 @@ class WorkerSupervisor(MultiService):
         state.starts += 1
         state.startedAt = self._reactor.seconds()
         self.log.info("Worker {index} started, pid {pid}", index=index, pid=process.pid)
+        for observer in list(self.startObservers):
+            observer(index)
 
     # -- events
 

@@ -20,6 +20,8 @@ from twisted.internet import reactor as globalReactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource, getChildForRequest
@@ -79,6 +81,7 @@ class _WorkerClient:
         self.asked: list[tuple[int, str, bytes, bytes, Optional[bytes]]] = []
         self.silent: set[int] = set()
         self.pending: list[Deferred[WorkerReply]] = []
+        self.refusing: set[int] = set()
 
     def fetch(
         self, worker: int, socketPath: str, method: bytes, path: bytes, accept: Optional[bytes] = None
@@ -88,6 +91,11 @@ class _WorkerClient:
             d: Deferred[WorkerReply] = Deferred()
             self.pending.append(d)
             return d
+        if worker in self.refusing:
+            # A process starting: its socket is not there yet.
+            return succeed(
+                WorkerReply(worker, error=f"not answering on {socketPath}: cannot connect: No such file")
+            )
         service = self.workers[worker].statusService
         assert service is not None and service.private
         request = render(
@@ -116,33 +124,38 @@ class FanInTests(SynchronousTestCase):
         )
         self.supervisor.startService()
         self.addCleanup(self._stopSupervisor)
-        self.workers: list[ProxyService] = []
-        for index in range(2):
-            proxy, _ = makeProxy(self, STATUS_CONFIG)
-            socketPath = self.supervisor.statusSocket(index)
-            assert socketPath is not None
-            proxy = ProxyService(proxy._reactor, proxy.loaded, workerIndex=index, statusSocket=socketPath)
-            proxy.startService()
-            self.addCleanup(proxy.stopService)
-            self.workers.append(proxy)
+        self.workers = [self._worker(index) for index in range(2)]
         self.client = _WorkerClient(self.workers)
         self.fanIn = FanIn(self.supervisor, self.client, self.reactor)
         self.controlAllowed = True
         self.root = FanInResource(self.fanIn, lambda: self.controlAllowed)
 
+    def _worker(self, index: int, config: str = STATUS_CONFIG) -> ProxyService:
+        """
+        A started worker L{ProxyService} with index C{index}, serving its
+        status site on the supervisor's socket for it.
+        """
+        proxy, _ = makeProxy(self, config)
+        socketPath = self.supervisor.statusSocket(index)
+        assert socketPath is not None
+        proxy = ProxyService(proxy._reactor, proxy.loaded, workerIndex=index, statusSocket=socketPath)
+        proxy.startService()
+        self.addCleanup(proxy.stopService)
+        return proxy
+
     def _stopSupervisor(self) -> None:
         stopped = self.supervisor.stopService()
         for protocol, _, _, _ in self.reactor.spawned:
-            if protocol.index in self.supervisor._processes:
+            if protocol.index in self.supervisor._processes and not protocol.ended.called:
                 protocol.processEnded(Failure(ProcessTerminated(signal=15)))
         self.successResultOf(stopped)
 
     def _kill(self, index: int) -> None:
         """
-        Worker C{index}'s process ends (the supervisor will start it again
-        later).
+        Worker C{index}'s current process ends (the supervisor will start
+        it again later).
         """
-        protocol = next(p for p, process, _, _ in self.reactor.spawned if p.index == index)
+        [protocol, *_] = [p for p, process, _, _ in reversed(self.reactor.spawned) if p.index == index]
         protocol.processEnded(Failure(ProcessTerminated(signal=9)))
 
     def test_workersServePrivately(self) -> None:
@@ -265,7 +278,7 @@ class FanInTests(SynchronousTestCase):
             [(w["worker"], w["pid"], w["status"]["pools"][0]["members"][0]["draining"]) for w in status["workers"]],
             [(0, 1000, False), (1, 1001, True)],
         )
-        self.assertEqual(status["supervisor"], {"pid": os.getpid(), "workers": 2})
+        self.assertEqual(status["supervisor"], {"pid": os.getpid(), "workers": 2, "drained_members": []})
 
     def test_statusWorkerNotAnswering(self) -> None:
         """
@@ -349,6 +362,149 @@ class FanInTests(SynchronousTestCase):
         self.assertEqual({a[3] for a in self.client.asked}, {b"/members/app/127.0.0.1:9/drain"})
         render(self.root, b"/members/app/127.0.0.1:9/enable", b"POST")
         self.assertEqual([w.pools["app"].members[0].draining for w in self.workers], [False, False])
+
+    def _restart(self, index: int, config: str = STATUS_CONFIG) -> ProxyService:
+        """
+        Kill worker C{index} (unless it is down already) and let the
+        supervisor start it again: a new worker service (returned) whose
+        socket does not answer yet (the client refuses it until the test
+        says otherwise).
+        """
+        if self.supervisor.workers[index].pid is not None:
+            self._kill(index)
+        self.client.refusing.add(index)
+        self.workers[index] = self._worker(index, config)
+        pid = self.supervisor.workers[index].pid
+        self.reactor.advance(self.supervisor._delay)
+        self.assertNotEqual(self.supervisor.workers[index].pid, pid)
+        self.assertIsNotNone(self.supervisor.workers[index].pid)
+        return self.workers[index]
+
+    def _replays(self, index: int) -> list[bytes]:
+        """
+        The paths POSTed to worker C{index} so far.
+        """
+        return [a[3] for a in self.client.asked if a[0] == index and a[2] == b"POST"]
+
+    def test_drainReplayedToRestartedWorker(self) -> None:
+        """
+        When a worker is started again after a member was drained through
+        the supervisor, the supervisor drains it there too, retrying with a
+        growing delay until the new process's socket answers; it logs the
+        replay, and /status lists the drain under C{supervisor}.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")
+        self.client.asked.clear()
+        worker = self._restart(1)
+        self.assertFalse(worker.pools["app"].members[0].draining)
+        self.assertEqual(self._replays(1), [])
+        # Not answering yet: tried after 0.1s, then 0.2s, then 0.4s later.
+        for delay in (0.1, 0.2, 0.4):
+            self.reactor.advance(delay)
+        self.assertEqual(self._replays(1), [b"/members/app/127.0.0.1:9/drain"] * 3)
+        self.assertFalse(worker.pools["app"].members[0].draining)
+        self.client.refusing.clear()
+        self.reactor.advance(0.7)
+        self.assertEqual(self._replays(1), [b"/members/app/127.0.0.1:9/drain"] * 3)
+        self.reactor.advance(0.1)
+        self.assertEqual(self._replays(1), [b"/members/app/127.0.0.1:9/drain"] * 4)
+        self.assertTrue(worker.pools["app"].members[0].draining)
+        # Done: nothing more is sent, and worker 0 was not asked.
+        self.reactor.advance(10)
+        self.assertEqual(self._replays(1), [b"/members/app/127.0.0.1:9/drain"] * 4)
+        self.assertEqual(self._replays(0), [])
+        [event] = [e for e in observer if "replayed" in e["log_format"]]
+        self.assertEqual(
+            (event["log_format"], event["worker"], event["pool"], event["member"]),
+            ("Worker {worker}: replayed the drain of pool {pool} member {member}", 1, "app", "127.0.0.1:9"),
+        )
+        status = json.loads(body(render(self.root, b"/status")))
+        self.assertEqual(status["supervisor"]["drained_members"], [{"pool": "app", "member": "127.0.0.1:9"}])
+        self.assertTrue(status["workers"][1]["status"]["pools"][0]["members"][0]["draining"])
+
+    def test_drainWhileWorkerDownReplayed(self) -> None:
+        """
+        When a member is drained while a worker is down (502: the others
+        applied it), the worker gets the drain once it is started again.
+        """
+        self._kill(1)
+        self.assertEqual(render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST").responseCode, 502)
+        worker = self._restart(1)
+        self.client.refusing.clear()
+        self.reactor.advance(0.1)
+        self.assertTrue(worker.pools["app"].members[0].draining)
+
+    def test_enableCancelsReplay(self) -> None:
+        """
+        When a drained member is enabled again before the restarted
+        worker's socket answers, the drain is not replayed to it; an
+        enable before the restart means no replay at all.
+        """
+        render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")
+        worker = self._restart(1)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self._replays(1)), 2)  # The drain, and the refused replay.
+        render(self.root, b"/members/app/127.0.0.1:9/enable", b"POST")
+        self.client.refusing.clear()
+        self.reactor.advance(10)
+        self.assertEqual(self._replays(1)[2:], [b"/members/app/127.0.0.1:9/enable"])
+        self.assertFalse(worker.pools["app"].members[0].draining)
+        self.assertEqual(self.fanIn.memory.drained(), [])
+
+        render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")
+        render(self.root, b"/members/app/127.0.0.1:9/enable", b"POST")
+        self.client.asked.clear()
+        self._restart(0)
+        self.client.refusing.clear()
+        self.reactor.advance(10)
+        self.assertEqual(self.client.asked, [])
+
+    def test_replayRefusedForgotten(self) -> None:
+        """
+        When the restarted worker refuses the replayed drain (404: its
+        configuration no longer has the member), a warning names the
+        worker, pool, member and reason, and the drain is forgotten.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")
+        self._restart(1, STATUS_CONFIG.replace("port = 9", "port = 10"))
+        self.client.refusing.clear()
+        self.reactor.advance(0.1)
+        [event] = [e for e in observer if "refused the replayed drain" in e["log_format"]]
+        self.assertEqual(
+            (event["log_level"].name, event["worker"], event["pool"], event["member"], event["code"], event["error"]),
+            ("warn", 1, "app", "127.0.0.1:9", 404, "pool 'app' has no member '127.0.0.1:9'"),
+        )
+        self.assertEqual(self.fanIn.memory.drained(), [])
+        self.reactor.advance(10)
+        self.assertEqual(len(self._replays(1)), 2)
+
+    def test_replayBounded(self) -> None:
+        """
+        When the restarted worker's socket never answers, the replay is
+        tried at most once a second and given up (with a warning) after
+        C{replayTimeout} seconds; the drain is still remembered for the
+        next start. When the worker dies again meanwhile, its replay stops.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")
+        self._restart(1)
+        self.reactor.pump([0.1] * 700)
+        tries = len(self._replays(1)) - 1
+        self.assertLessEqual(tries, 4 + self.fanIn.replayTimeout)
+        self.assertGreater(tries, self.fanIn.replayTimeout / 2)
+        [event] = [e for e in observer if "gave up" in e["log_format"]]
+        self.assertEqual((event["worker"], event["pool"], event["member"]), (1, "app", "127.0.0.1:9"))
+        self.assertEqual(self.fanIn.memory.drained(), [("app", "127.0.0.1:9")])
+
+        self.client.asked.clear()
+        self._restart(1)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self._replays(1)), 1)
+        self._kill(1)
+        self.reactor.advance(self.supervisor._delay - 0.5)
+        self.assertEqual(len(self._replays(1)), 1)
 
     def test_drainUnknownMember(self) -> None:
         """

@@ -589,8 +589,10 @@ class WorkersIntegrationTests(TestCase):
         When C{workers = 2} with C{[status]}, the supervisor's /metrics has
         each worker's samples (the accepted connections of both sum to the
         connections made), /status lists both workers and sums their
-        figures, and /readyz turns 503 naming a killed worker, then 200
-        again once the supervisor has started it again.
+        figures, and /readyz turns 503 naming a killed worker; once the
+        supervisor has started it again, a member drained before the kill
+        is drained in it too (replayed), and /readyz is 200 again once the
+        member is enabled.
         """
         self.proxy.start()
         self._waitForWorkers()
@@ -636,10 +638,32 @@ class WorkersIntegrationTests(TestCase):
             [counts["0"], counts["1"]],
         )
 
+        # A member drained through the supervisor before the kill is drained
+        # again in the new worker 1 (the supervisor replays it).
+        pool, member = report["pools"][0]["name"], report["pools"][0]["members"][0]["member"]
+        self.assertEqual(http(status, f"/members/{pool}/{member}/drain", "POST")[0], 200)
         os.kill(pids[1], signal.SIGKILL)
-        notReady = harness.waitFor(lambda: (lambda r: r[0] == 503 and r)(http(status, "/readyz")), timeout=10)
+        notReady = harness.waitFor(
+            lambda: (lambda r: r[0] == 503 and b"worker 1: not " in r[1] and r)(http(status, "/readyz")), timeout=10
+        )
         self.assertTrue(notReady)
-        self.assertIn(b"worker 1: ", notReady[1])
+
+        def restartedDrained() -> bool:
+            entry = json.loads(http(status, "/status")[1])["workers"][1]
+            return entry["pid"] not in (None, pids[1]) and bool(
+                entry.get("status", {}).get("pools", [{}])[0].get("members", [{}])[0].get("draining")
+            )
+
+        def worker1() -> str:
+            entry = json.loads(http(status, "/status")[1])["workers"][1]
+            return json.dumps([entry["pid"], entry.get("error"), entry.get("status", {}).get("pools")])
+
+        self.assertTrue(harness.waitFor(restartedDrained, timeout=40), worker1())
+        self.assertIn(f"Worker 1: replayed the drain of pool {pool} member {member}", self.proxy.log())
+        self.assertEqual(
+            json.loads(http(status, "/status")[1])["supervisor"]["drained_members"], [{"pool": pool, "member": member}]
+        )
+        self.assertEqual(http(status, f"/members/{pool}/{member}/enable", "POST")[0], 200)
         self.assertTrue(harness.waitFor(lambda: http(status, "/readyz") == (200, b"ready\n"), timeout=40),
                         http(status, "/readyz"))
         code, body = http(status, "/metrics")
