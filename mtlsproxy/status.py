@@ -207,7 +207,8 @@ def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
     force after reloads), that is the source for the listeners and the
     pools' C{[pools.tls]}; otherwise the material loaded at start-up
     (C{proxy.loaded.listeners}, C{proxy.loaded.backends}).  The status
-    endpoint's own material is added (as listener C{"status"}).
+    endpoint's own material is added (as listener C{"status"}) unless the
+    reloader's report already has it.
 
     @param proxy: The L{mtlsproxy.service.ProxyService}.
     @param now: The current time (unused by the computation from material;
@@ -228,7 +229,10 @@ def expiryReport(proxy: Any, now: datetime) -> list[ExpiryEntry]:
         items = itemsOf({}, now, getattr(proxy.loaded, "backends", {}))
         result.extend(entry for entry in map(_entryFrom, items) if entry is not None)
     statusMaterial = getattr(proxy, "statusMaterial", None)
-    if statusMaterial is not None:
+    # The reloader's report already has it (its expiry monitor warns about
+    # it too): adding it again would repeat every series, which a
+    # supervisor's OpenMetrics parser refuses, losing the worker's samples.
+    if statusMaterial is not None and not any(entry.listener == "status" for entry in result):
         result.extend(_materialEntries("status", statusMaterial))
     return result
 
