@@ -468,6 +468,10 @@ class Proxy:
             with open(os.path.join(self.work, "output.log"), errors="replace") as f:
                 tail = f.read()[-3000:]
             raise RuntimeError(f"{self.name} did not start: {e}\n{tail}") from None
+        except BaseException:
+            # E.g. py-spy missing: never leave the proxy running behind us.
+            self.stop()
+            raise
 
     def processEnvironment(self) -> Optional[dict[str, str]]:
         """
