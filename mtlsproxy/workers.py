@@ -224,6 +224,31 @@ def workerLogFile(logfile: str, index: int) -> str:
         return logfile
     return f"{logfile}.worker-{index}"
 
+def supervisorLogFile(twistdOptions: Any, pluginOptions: Any) -> Optional[str]:
+    """
+    The file the supervisor logs to, which its workers log beside
+    (L{workerLogFile}), or L{None} when it logs to standard output (shared
+    with the workers: C{-n} without a file, C{--logfile -}) or to syslog.
+
+    The same precedence as L{mtlsproxy.logs.TwistdObserverFactory}:
+    twistd's C{--logfile}, else C{[logging] file}, else, as a daemon,
+    twistd's C{twistd.log} in its run directory (a worker runs in the
+    foreground: without a file of its own, its lines would go to the
+    daemon's standard output, which is C{/dev/null}).
+    """
+    if twistdOptions.get("syslog"):
+        return None
+    logfile = twistdOptions.get("logfile")
+    if logfile:
+        return None if logfile == "-" else str(logfile)
+    configFile = getattr(getattr(pluginOptions, "loggingConfig", None), "file", None)
+    if configFile:
+        return str(configFile)
+    if not twistdOptions.get("nodaemon"):
+        return "twistd.log"
+    return None
+
+
 def workerArguments(
     twistdOptions: Any,
     pluginOptions: Any,
@@ -249,11 +274,12 @@ def workerArguments(
     """
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     if twistdOptions is not None:
-        if twistdOptions.get("logfile"):
+        logfile = supervisorLogFile(twistdOptions, pluginOptions)
+        if logfile is not None:
             # One file per worker: twistd's LogFile opens an existing file
             # "rb+" and seeks to its end once, so processes sharing one file
             # would overwrite each other's lines (and rotate it separately).
-            argv += ["--logfile", workerLogFile(twistdOptions["logfile"], index)]
+            argv += ["--logfile", workerLogFile(logfile, index)]
         logger = twistdOptions.get("logger")
         if isinstance(logger, str) and logger and not logger.startswith("mtlsproxy.logs."):
             argv += ["--logger", logger]

@@ -11,7 +11,7 @@ import os
 import signal
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import succeed
@@ -138,6 +138,54 @@ class InheritTests(SynchronousTestCase):
             ["mtlsproxy", "--config", "/etc/p.toml", "--log-format", "json", "--worker", "1",
              "--supervisor", "42", "--inherit", '{"l": [5, "INET"]}'],
         )
+
+
+class WorkerLogFileTests(SynchronousTestCase):
+    """
+    Where a worker logs: beside the supervisor's log file, whichever way
+    that was chosen, or on the shared standard output.
+    """
+
+    def _logfileOf(self, twistd: dict[str, Any], logging: Any = None) -> Optional[str]:
+        class Plugin(dict):  # type: ignore[type-arg]
+            pass
+
+        plugin = Plugin(config="/etc/p.toml")
+        if logging is not None:
+            plugin.loggingConfig = logging  # type: ignore[attr-defined]
+        argv = workerArguments(twistd, plugin, 1, {}, 42)
+        return argv[argv.index("--logfile") + 1] if "--logfile" in argv else None
+
+    def test_daemonDefault(self) -> None:
+        """
+        When the supervisor is a daemon without --logfile (twistd's
+        twistd.log), each worker logs to twistd.log.worker-I: a worker runs
+        in the foreground, and a daemon's standard output is /dev/null.
+        """
+        self.assertEqual(self._logfileOf({"nodaemon": False}), "twistd.log.worker-1")
+
+    def test_configFile(self) -> None:
+        """
+        When [logging] file names the log file, each worker logs beside it,
+        in the foreground or not.
+        """
+        from mtlsproxy.config import LoggingConfig
+
+        logging = LoggingConfig(file="/var/log/p.log")
+        for nodaemon in (True, False):
+            self.assertEqual(self._logfileOf({"nodaemon": nodaemon}, logging), "/var/log/p.log.worker-1")
+        self.assertEqual(
+            self._logfileOf({"nodaemon": False, "logfile": "/x/t.log"}, logging), "/x/t.log.worker-1"
+        )
+
+    def test_sharedStandardOutput(self) -> None:
+        """
+        When the supervisor logs to standard output (-n without a file,
+        --logfile -) or to syslog, workers get no --logfile.
+        """
+        self.assertIsNone(self._logfileOf({"nodaemon": True}))
+        self.assertIsNone(self._logfileOf({"nodaemon": True, "logfile": "-"}))
+        self.assertIsNone(self._logfileOf({"nodaemon": False, "syslog": True}))
 
 
 class WorkerOptionsTests(SynchronousTestCase):
@@ -551,6 +599,61 @@ class WorkersIntegrationTests(TestCase):
                 except OSError:
                     pass
         return pids
+
+    def test_daemonWorkersLogToFiles(self) -> None:
+        """
+        When twistd runs as a daemon (no -n, no --logfile), the workers'
+        access lines reach twistd.log.worker-I beside the supervisor's
+        twistd.log (a foreground worker would write to the daemon's
+        /dev/null).
+        """
+        import subprocess
+
+        run = os.path.join(self.directory, "run")
+        os.makedirs(run)
+        pidfile = os.path.join(run, "twistd.pid")
+        subprocess.run(
+            [os.path.join(harness.BIN, "twistd"), "--pidfile", pidfile, "mtlsproxy", "--config",
+             self.proxy.config, "--log-level", "info"],
+            cwd=run, check=True, timeout=60,
+        )
+
+        def stop() -> None:
+            try:
+                with open(pidfile) as f:
+                    os.kill(int(f.read()), signal.SIGTERM)
+            except (OSError, ValueError):
+                return
+            harness.waitFor(lambda: not os.path.exists(pidfile), 20)
+
+        self.addCleanup(stop)
+
+        def workerLogs() -> str:
+            text = ""
+            for index in (0, 1):
+                try:
+                    with open(os.path.join(run, f"twistd.log.worker-{index}")) as f:
+                        text += f.read()
+                except FileNotFoundError:
+                    pass
+            return text
+
+        self.assertTrue(
+            harness.waitFor(lambda: workerLogs().count("Listener mtls (tls) listening on") >= 2, 30),
+            workerLogs()[-3000:],
+        )
+        import re
+
+        port = int(re.findall(r"Listener mtls \(tls\) listening on [\d.]+:(\d+)", workerLogs())[0])
+        ctx = harness.clientContext(self.pki, "client")
+        for _ in range(4):
+            self.assertEqual(harness.tlsExchange(port, ctx, b"hello", expectLength=5)[:5], b"hello")
+        self.assertTrue(
+            harness.waitFor(lambda: workerLogs().count("[mtlsproxy.access#info]") >= 4, 10),
+            workerLogs()[-3000:],
+        )
+        with open(os.path.join(run, "twistd.log")) as f:
+            self.assertIn("Worker 1 started", f.read())
 
     def test_twoWorkersServeAndStop(self) -> None:
         """
