@@ -92,6 +92,25 @@ def waitUntil(predicate: Callable[[], object], timeout: float, interval: float =
     return bool(predicate())
 
 
+def quietDescriptors(pid: int, quiet: float = 0.5, timeout: float = 10.0) -> int:
+    """
+    How many descriptors process C{pid} has once the count has not changed
+    for C{quiet} seconds (or after C{timeout}): a baseline that does not
+    include a connection still closing (a status request, a health check).
+    """
+    deadline = time.monotonic() + timeout
+    count = openDescriptors(pid)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = openDescriptors(pid)
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return count
+
+
 def settledDescriptors(pid: int, baseline: int, timeout: float = 20.0) -> int:
     """
     Wait until process C{pid} has no more descriptors than C{baseline}, or

@@ -41,6 +41,7 @@ from .robustness import (
     openDescriptors,
     readUntilClosed,
     reset,
+    quietDescriptors,
     settledDescriptors,
     tlsConfig,
     tlsExchange,
@@ -181,7 +182,7 @@ class BackendFaultTests(_ProxyFixture, SynchronousTestCase):
         backendPort = int(backend.stdout.readline())
         self.startProxy([backendPort])
         self.assertServes()
-        baseline = settledDescriptors(self.pid, openDescriptors(self.pid))
+        baseline = quietDescriptors(self.pid)
 
         sock, conn = connectTLS(self.proxy.ports["mtls"], clientContext(self.pki, "client"))
         self.addCleanup(sock.close)

@@ -35,6 +35,7 @@ from .robustness import (
     rawClosed,
     readUntilClosed,
     residentKiB,
+    quietDescriptors,
     settledDescriptors,
     tlsConfig,
     tlsExchange,
@@ -121,7 +122,7 @@ class HostileClientTests(SynchronousTestCase):
         assert self.proxy.process is not None
         self.pid = self.proxy.process.pid
         self.assertServes()
-        self.baselineFDs = settledDescriptors(self.pid, openDescriptors(self.pid))
+        self.baselineFDs = quietDescriptors(self.pid)
 
     def assertServes(self, timeout: float = 15.0) -> float:
         """
