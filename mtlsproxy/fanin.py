@@ -20,8 +20,12 @@ couple of seconds at most per worker) and merge the answers:
   - C{/readyz}: ready when every worker answers ready (L{mergeReadiness});
   - C{POST /members/...}: forwarded to every worker, each one's answer
     reported (L{mergeControl}); the drains still in force are remembered
-    (L{MemberControlMemory}) and replayed to a worker the supervisor starts
-    again, as soon as its status socket answers (L{FanIn.workerStarted}).
+    (L{MemberControlMemory}) and passed on the command line of a worker
+    the supervisor starts again (C{--drained},
+    L{mtlsproxy.workers.WorkerSupervisor.drainedMembers}), which drains
+    them before it accepts a client; as a backstop, they are replayed to it
+    once its status socket answers, with the member control made while it
+    was starting (L{FanIn.workerStarted}).
 
 A worker that is not running, or does not answer in time, is named in the
 answer (never a hang, never a traceback).
@@ -199,8 +203,9 @@ class FanIn:
 
     @ivar supervisor: The L{mtlsproxy.workers.WorkerSupervisor}: its
         C{workers} (L{mtlsproxy.workers.WorkerState}), C{statusSocket(i)},
-        C{stopping}, C{startedAt} and C{startObservers} (to which this adds
-        L{workerStarted}).
+        C{stopping}, C{startedAt}, C{startObservers} (to which this adds
+        L{workerStarted}) and C{drainedMembers} (which this sets to
+        L{MemberControlMemory.drained}, passed to a worker it starts).
     @ivar client: Sends one request to one worker (L{WorkerStatusClient}).
     @ivar clock: Provides C{seconds()}.
     @ivar registry: The supervisor's own metrics (its C{process_*}).
@@ -232,6 +237,7 @@ class FanIn:
         self.memory = MemberControlMemory()
         self._replays: dict[int, _Replay] = {}
         supervisor.startObservers.append(self.workerStarted)
+        supervisor.drainedMembers = self.memory.drained
 
     def ask(self, method: bytes, path: bytes, accept: Optional[bytes] = None) -> Deferred[list[WorkerReply]]:
         """
@@ -285,17 +291,21 @@ class FanIn:
     def workerStarted(self, index: int) -> None:
         """
         Worker C{index} was (re)started
-        (L{mtlsproxy.workers.WorkerSupervisor.startObservers}): replay the
-        remembered drains to it once its status socket answers
-        (L{_Replay}), leaving any replay to its previous process.
+        (L{mtlsproxy.workers.WorkerSupervisor.startObservers}), its command
+        line given the remembered drains (which it applies before it
+        accepts): replay them to it once its status socket answers
+        (L{_Replay}: idempotent, and it catches the member control made
+        while the process started, which it missed), leaving any replay to
+        its previous process.
         """
         previous = self._replays.pop(index, None)
         if previous is not None:
             previous.stop()
-        if not self.memory.drained():
+        passed = self.memory.drained()
+        if not passed:
             return
         state = self.supervisor.workers[index]
-        replay = self._replays[index] = _Replay(self, index, state.pid)
+        replay = self._replays[index] = _Replay(self, index, state.pid, passed)
         replay.start()
 
     def _replayEnded(self, replay: _Replay) -> None:
@@ -362,7 +372,9 @@ class _Replay:
     Sends the remembered drains (L{MemberControlMemory}) to one process of
     a worker that was just started, one after the other, each as the
     memory holds it at that time (a drain enabled meanwhile is not sent, a
-    new one is).
+    new one is); then an enable of every drain passed on the process's
+    command line (C{--drained}) and enabled since (the enable forwarded
+    while the process started did not reach it).
 
     While the worker's status socket does not answer yet (the process is
     starting), the drain is tried again after L{FanIn.replayDelay}
@@ -374,13 +386,17 @@ class _Replay:
 
     @ivar worker: The worker's index.
     @ivar pid: The process this replay is for.
+    @ivar passed: The drains on that process's command line.
     """
 
-    def __init__(self, fanIn: FanIn, worker: int, pid: Optional[int]) -> None:
+    def __init__(
+        self, fanIn: FanIn, worker: int, pid: Optional[int], passed: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.fanIn = fanIn
         self.worker = worker
         self.pid = pid
-        self._done: set[tuple[str, str]] = set()
+        self.passed = list(passed)
+        self._done: set[tuple[str, str, str]] = set()
         self._delay = fanIn.replayDelay
         self._began = fanIn.clock.seconds()
         self._call: Any = None
@@ -423,24 +439,29 @@ class _Replay:
         self._call = None
         if not self._current():
             return
-        todo = [key for key in self.fanIn.memory.drained() if key not in self._done]
+        drained = self.fanIn.memory.drained()
+        todo = [(pool, member, "drain") for pool, member in drained] + [
+            (pool, member, "enable") for pool, member in self.passed if (pool, member) not in drained
+        ]
+        todo = [key for key in todo if key not in self._done]
         socketPath = self.fanIn.supervisor.statusSocket(self.worker)
         if not todo or socketPath is None:
             self.stop()
             return
-        pool, member = todo[0]
+        pool, member, action = todo[0]
         self.fanIn.client.fetch(
-            self.worker, socketPath, b"POST", controlPath(pool, member, "drain")
-        ).addCallback(self._answered, pool, member)
+            self.worker, socketPath, b"POST", controlPath(pool, member, action)
+        ).addCallback(self._answered, pool, member, action)
 
-    def _answered(self, reply: WorkerReply, pool: str, member: str) -> None:
+    def _answered(self, reply: WorkerReply, pool: str, member: str, action: str = "drain") -> None:
         if not self._current():
             return
         if not reply.answered:
             if self.fanIn.clock.seconds() - self._began >= self.fanIn.replayTimeout:
                 log.warn(
-                    "Worker {worker}: gave up replaying the drain of pool {pool} member {member}"
+                    "Worker {worker}: gave up replaying the {action} of pool {pool} member {member}"
                     " after {timeout:g}s: {error}",
+                    action=action,
                     worker=self.worker,
                     pool=pool,
                     member=member,
@@ -451,8 +472,27 @@ class _Replay:
             else:
                 self._later()
             return
-        self._done.add((pool, member))
-        if reply.code == 200:
+        self._done.add((pool, member, action))
+        if action == "enable":
+            if reply.code == 200:
+                log.info(
+                    "Worker {worker}: replayed the enable of pool {pool} member {member}"
+                    " (drained on its command line, enabled since)",
+                    worker=self.worker,
+                    pool=pool,
+                    member=member,
+                )
+            else:
+                log.warn(
+                    "Worker {worker} refused the replayed enable of pool {pool} member {member}"
+                    " ({error})",
+                    worker=self.worker,
+                    pool=pool,
+                    member=member,
+                    code=reply.code,
+                    error=reply.describe(),
+                )
+        elif reply.code == 200:
             log.info(
                 "Worker {worker}: replayed the drain of pool {pool} member {member}",
                 worker=self.worker,
@@ -471,6 +511,8 @@ class _Replay:
                 error=answer.get("error") if isinstance(answer, dict) and "error" in answer else reply.describe(),
             )
             self.fanIn.memory.forget(pool, member)
+            # Nothing to enable either: the worker has no such member.
+            self._done.add((pool, member, "enable"))
         self._next()
 
 
@@ -692,7 +734,7 @@ def mergeStatus(
     summed; listeners and pool members are merged (see L{_mergeListeners},
     L{_mergePools}); C{certificates} and C{crls} are the first answering
     worker's (all read the same files).  Added: C{supervisor} (with
-    C{drained_members}, the drains it replays to a worker started again)
+    C{drained_members}, the drains it passes to a worker started again)
     and C{workers}, each worker's own report (or why there is none).
 
     @param workers: The supervisor's L{mtlsproxy.workers.WorkerState}s, in

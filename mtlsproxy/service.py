@@ -10,7 +10,7 @@ L{mtlsproxy.checks.LoadedConfiguration}.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -155,6 +155,7 @@ class ProxyService(MultiService):
         workerIndex: Optional[int] = None,
         statusSocket: Optional[str] = None,
         workerCount: int = 1,
+        drained: Sequence[tuple[str, str]] = (),
     ) -> None:
         """
         @param inherited: In a worker process (L{mtlsproxy.workers}): the
@@ -169,6 +170,10 @@ class ProxyService(MultiService):
             listeners: each holds at most its share of a listener's
             C{max_connections} (rounded up), so that the listener's limit
             holds for all of them together.
+        @param drained: In a worker process started by its supervisor, the
+            (pool, member as C{address:port}) drains an operator made
+            through the supervisor's status endpoint and not enabled since:
+            drained in L{startService}, before the listeners accept.
         """
         MultiService.__init__(self)
         self._reactor = reactor
@@ -177,6 +182,7 @@ class ProxyService(MultiService):
         self.workerIndex = workerIndex
         self.statusSocket = statusSocket
         self.workerCount = max(1, workerCount)
+        self.inheritedDrains = list(drained)
         config = loaded.config
         # Operations (docs/operations.md): metrics, live connections, drain.
         self.metrics = ProxyMetrics()
@@ -332,7 +338,28 @@ class ProxyService(MultiService):
         for warning in self.loaded.warnings:
             self.log.warn("Configuration warning: {text}", text=warning)
         checkFileLimit(self.loaded.config.listeners, workers=self.workerCount)
+        self._applyInheritedDrains()
         MultiService.startService(self)
+
+    def _applyInheritedDrains(self) -> None:
+        """
+        Drain the members the supervisor passed on (C{drained}), before any
+        listener accepts (and before the status socket answers); a pool or
+        member this configuration lacks is warned about and ignored.
+        """
+        for poolName, where in self.inheritedDrains:
+            pool = self.pools.get(poolName)
+            member = None if pool is None else next((m for m in pool.members if m.hostPort == where), None)
+            if member is None:
+                self.log.warn(
+                    "Cannot apply the supervisor's drain of pool {pool} member {member}:"
+                    " {reason}; ignored",
+                    pool=poolName,
+                    member=where,
+                    reason="no such pool" if pool is None else "no such member",
+                )
+                continue
+            member.drain()
 
     def _startOperations(self, config: Any) -> None:
         """

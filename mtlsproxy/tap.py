@@ -64,6 +64,13 @@ class Options(usage.Options):
             "(internal) With --worker: the private UNIX socket where the worker serves its"
             " status site to the supervisor.",
         ],
+        [
+            "drained",
+            None,
+            None,
+            "(internal) With --worker: the pool members to drain before accepting clients,"
+            ' JSON [["POOL", "ADDRESS:PORT"], ...] (the drains the supervisor remembers).',
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -80,6 +87,15 @@ class Options(usage.Options):
             )
         if self["workers"] is not None:
             self["workers"] = _workersOption(self["workers"])
+        if self["drained"] is not None:
+            from .workers import decodeDrained
+
+            if self["worker"] is None:
+                raise usage.UsageError("--drained is only for a worker (--worker)")
+            try:
+                self["drained"] = decodeDrained(self["drained"])
+            except ValueError as e:
+                raise usage.UsageError(str(e))
         if self["worker"] is not None:
             from .workers import decodeInherited
 
@@ -218,6 +234,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
                 workerIndex=options["worker"],
                 statusSocket=options["status-socket"] if options["worker"] is not None else None,
                 workerCount=(options["workers"] or 1) if options["worker"] is not None else 1,
+                drained=(options["drained"] or ()) if options["worker"] is not None else (),
             )
             if options["worker"] is not None:
                 from .workers import ParentWatcher

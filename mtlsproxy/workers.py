@@ -16,6 +16,9 @@ With more, the twistd process becomes a supervisor (L{WorkerSupervisor}):
     descriptors (L{InheritedListener}); a worker adopts them
     (C{reactor.adoptStreamPort}) instead of listening, and the kernel
     spreads new connections over the workers accepting on them;
+  - a worker it starts again is given the member drains the fan-in status
+    endpoint remembers (C{--drained}, L{encodeDrained}), applied before
+    the worker accepts a client;
   - it forwards C{SIGHUP} (reload) to every worker, and on C{SIGTERM} /
     C{SIGINT} (its own shutdown) sends C{SIGTERM} to every worker, each of
     which drains its connections as a single process does
@@ -38,7 +41,7 @@ endpoint for all of them:
     over those sockets and merges the answers (L{mtlsproxy.fanin}):
     C{/metrics} with a C{worker} label on every sample, C{/status} and
     C{/readyz} across workers, member control forwarded to every worker
-    (and its drains replayed to a worker started again).
+    (and its drains passed to a worker started again, C{--drained}).
     A worker that is down or does not answer within a couple of seconds is
     reported as such.
 
@@ -75,6 +78,8 @@ __all__ = [
     "WorkerSupervisor",
     "encodeInherited",
     "decodeInherited",
+    "decodeDrained",
+    "encodeDrained",
     "exitWithParent",
     "workerArguments",
     "workerCount",
@@ -144,6 +149,35 @@ def decodeInherited(text: str) -> dict[str, InheritedListener]:
         return result
     except (TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"not a valid --inherit value: {text!r}") from e
+
+
+def encodeDrained(drained: Sequence[tuple[str, str]]) -> str:
+    """
+    The C{--drained} option's value for a worker: JSON, a list of C{[pool,
+    member]} (member as C{address:port}), the member drains the supervisor
+    remembers (L{mtlsproxy.fanin.MemberControlMemory}).
+    """
+    return json.dumps([[pool, member] for pool, member in drained])
+
+
+def decodeDrained(text: str) -> list[tuple[str, str]]:
+    """
+    Read a C{--drained} value (see L{encodeDrained}).
+
+    @raise ValueError: If C{text} is not what L{encodeDrained} writes.
+    """
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, list):
+            raise ValueError(text)
+        result = []
+        for pool, member in raw:
+            if not isinstance(pool, str) or not isinstance(member, str):
+                raise ValueError(pool)
+            result.append((pool, member))
+        return result
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not a valid --drained value: {text!r}") from e
 
 
 def _familyOf(port: IListeningPort) -> str:
@@ -257,12 +291,14 @@ def workerArguments(
     supervisorPid: int,
     statusSocket: Optional[str] = None,
     workers: Optional[int] = None,
+    drained: Sequence[tuple[str, str]] = (),
 ) -> list[str]:
     """
     The command line of worker C{index}: this Python running twistd in the
     foreground, with the supervisor's logging options, and the plugin's
     options plus C{--worker}, C{--supervisor}, C{--inherit} and, with
-    C{[status]}, C{--status-socket}.
+    C{[status]}, C{--status-socket}, and with member drains to apply,
+    C{--drained}.
 
     @param twistdOptions: twistd's own options (C{ServerOptions}), or
         L{None}.
@@ -271,6 +307,9 @@ def workerArguments(
         supervisor, or L{None} for nowhere.
     @param workers: How many workers there are (C{--workers}: each worker
         takes its share of every listener's C{max_connections}).
+    @param drained: (pool, member) of every member the worker drains before
+        it accepts a client (L{WorkerSupervisor.drainedMembers}); none if
+        empty.
     """
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     if twistdOptions is not None:
@@ -303,6 +342,8 @@ def workerArguments(
         argv += ["--status-socket", statusSocket]
     if workers is not None:
         argv += ["--workers", str(workers)]
+    if drained:
+        argv += ["--drained", encodeDrained(drained)]
     return argv
 
 
@@ -390,6 +431,10 @@ class WorkerSupervisor(MultiService):
         started (its L{WorkerState} updated): the fan-in status endpoint
         replays member drains to a worker started again
         (L{mtlsproxy.fanin.FanIn.workerStarted}).
+    @ivar drainedMembers: L{None}, or returns (pool, member) of every member
+        drain in force, read each time a worker is started and passed to
+        it (C{drained}, see L{workerArguments}): set by the fan-in status
+        endpoint (L{mtlsproxy.fanin.FanIn}), which remembers them.
     """
 
     log = Logger()
@@ -410,7 +455,7 @@ class WorkerSupervisor(MultiService):
         reactor: Any,
         endpoints: Sequence[tuple[str, str]],
         count: int,
-        arguments: Callable[[int, dict[str, InheritedListener], int, Optional[str]], list[str]],
+        arguments: Callable[..., list[str]],
         drainTimeout: float,
         environment: Optional[dict[str, str]] = None,
         installSignalHandlers: bool = True,
@@ -424,7 +469,8 @@ class WorkerSupervisor(MultiService):
         @param arguments: Makes a worker's command line from its index, the
             inherited sockets, the supervisor's pid and the worker's status
             socket path (or L{None}) (L{workerArguments}, partially
-            applied).
+            applied), plus, only when there are member drains to pass on
+            (L{drainedMembers}), C{drained=} their list.
         @param drainTimeout: The configuration's C{drain_timeout}.
         @param environment: The workers' environment; this process's if
             L{None}.
@@ -457,6 +503,7 @@ class WorkerSupervisor(MultiService):
         self.statusDirectory: Optional[str] = None
         self.startedAt: float = reactor.seconds()
         self.startObservers: list[Callable[[int], None]] = []
+        self.drainedMembers: Optional[Callable[[], Sequence[tuple[str, str]]]] = None
 
     @property
     def stopping(self) -> bool:
@@ -532,7 +579,11 @@ class WorkerSupervisor(MultiService):
         if self._stopping:
             return
         state = self.workers[index]
-        argv = self._arguments(index, self.inherited, os.getpid(), self.statusSocket(index))
+        extra: dict[str, Any] = {}
+        drained = list(self.drainedMembers()) if self.drainedMembers is not None else []
+        if drained:
+            extra["drained"] = drained
+        argv = self._arguments(index, self.inherited, os.getpid(), self.statusSocket(index), **extra)
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         for item in self.inherited.values():
             childFDs[item.fd] = item.fd

@@ -116,7 +116,9 @@ class FanInTests(SynchronousTestCase):
             self.reactor,
             [("plain", "tcp:0")],
             2,
-            lambda index, inherited, pid, statusSocket: ["worker", str(index), str(statusSocket)],
+            lambda index, inherited, pid, statusSocket, drained=(): [
+                "worker", str(index), str(statusSocket), json.dumps(drained)
+            ],
             drainTimeout=3.0,
             installSignalHandlers=False,
             listen=lambda description, factory: succeed(_FakePort(10)),
@@ -423,6 +425,22 @@ class FanInTests(SynchronousTestCase):
         self.assertEqual(status["supervisor"]["drained_members"], [{"pool": "app", "member": "127.0.0.1:9"}])
         self.assertTrue(status["workers"][1]["status"]["pools"][0]["members"][0]["draining"])
 
+    def test_drainsOnRestartedWorkersCommandLine(self) -> None:
+        """
+        When a worker is started again, the drains the supervisor remembers
+        at that moment are on its command line (C{drained}), so that it
+        drains them before it accepts; a drain enabled since is not.
+        """
+        self.assertEqual([argv[3] for _, _, argv, _ in self.reactor.spawned], ["[]", "[]"])
+        render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")
+        self._restart(1)
+        self.assertEqual(self.reactor.spawned[-1][2][:2], ["worker", "1"])
+        self.assertEqual(json.loads(self.reactor.spawned[-1][2][3]), [["app", "127.0.0.1:9"]])
+        render(self.root, b"/members/app/127.0.0.1:9/enable", b"POST")
+        self._restart(0)
+        self.assertEqual(self.reactor.spawned[-1][2][:2], ["worker", "0"])
+        self.assertEqual(self.reactor.spawned[-1][2][3], "[]")
+
     def test_drainWhileWorkerDownReplayed(self) -> None:
         """
         When a member is drained while a worker is down (502: the others
@@ -438,18 +456,26 @@ class FanInTests(SynchronousTestCase):
     def test_enableCancelsReplay(self) -> None:
         """
         When a drained member is enabled again before the restarted
-        worker's socket answers, the drain is not replayed to it; an
-        enable before the restart means no replay at all.
+        worker's socket answers, the drain is not replayed to it, and the
+        enable is (the drain was on its command line, the forwarded enable
+        did not reach it); an enable before the restart means no replay at
+        all.
         """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")
         worker = self._restart(1)
+        # The drain on its command line, applied at its start.
+        worker.pools["app"].members[0].drain()
         self.reactor.advance(0.1)
         self.assertEqual(len(self._replays(1)), 2)  # The drain, and the refused replay.
         render(self.root, b"/members/app/127.0.0.1:9/enable", b"POST")
+        self.assertTrue(worker.pools["app"].members[0].draining)
         self.client.refusing.clear()
         self.reactor.advance(10)
-        self.assertEqual(self._replays(1)[2:], [b"/members/app/127.0.0.1:9/enable"])
+        self.assertEqual(self._replays(1)[2:], [b"/members/app/127.0.0.1:9/enable"] * 2)
         self.assertFalse(worker.pools["app"].members[0].draining)
+        [event] = [e for e in observer if "replayed the enable" in e["log_format"]]
+        self.assertEqual((event["worker"], event["pool"], event["member"]), (1, "app", "127.0.0.1:9"))
         self.assertEqual(self.fanIn.memory.drained(), [])
 
         render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST")

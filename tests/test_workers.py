@@ -25,7 +25,9 @@ from mtlsproxy.errors import ConfigurationError
 from mtlsproxy.workers import (
     InheritedListener,
     WorkerSupervisor,
+    decodeDrained,
     decodeInherited,
+    encodeDrained,
     encodeInherited,
     workerArguments,
     workerCount,
@@ -137,6 +139,154 @@ class InheritTests(SynchronousTestCase):
             tail,
             ["mtlsproxy", "--config", "/etc/p.toml", "--log-format", "json", "--worker", "1",
              "--supervisor", "42", "--inherit", '{"l": [5, "INET"]}'],
+        )
+
+
+class DrainedTests(SynchronousTestCase):
+    """
+    The C{--drained} option that passes the supervisor's remembered member
+    drains to a worker it starts, and the worker applying them before it
+    accepts.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        When the supervisor encodes its drains, the worker decodes the same,
+        in order.
+        """
+        drained = [("app", "127.0.0.1:9"), ("a/b \u00e9", "[::1]:443")]
+        self.assertEqual(decodeDrained(encodeDrained(drained)), drained)
+        self.assertEqual(decodeDrained(encodeDrained([])), [])
+
+    def test_invalid(self) -> None:
+        """
+        When the value is not what the supervisor writes, L{ValueError}.
+        """
+        for text in ("", "{}", "[1]", '[["a"]]', '[["a", 9]]', '[["a", "b", "c"]]', '"ab"'):
+            self.assertRaises(ValueError, decodeDrained, text)
+
+    def test_arguments(self) -> None:
+        """
+        When the supervisor remembers drains, the worker's command line
+        passes them with C{--drained}; when it remembers none, there is no
+        C{--drained}.
+        """
+        plugin = {"config": "/etc/p.toml"}
+        argv = workerArguments(None, plugin, 1, {}, 42, drained=[("app", "127.0.0.1:9")])
+        self.assertEqual(argv[argv.index("--drained") + 1], '[["app", "127.0.0.1:9"]]')
+        self.assertNotIn("--drained", workerArguments(None, plugin, 1, {}, 42))
+        self.assertNotIn("--drained", workerArguments(None, plugin, 1, {}, 42, drained=[]))
+
+    def test_optionParses(self) -> None:
+        """
+        When a worker's command line has C{--drained}, the plugin's options
+        read it back as (pool, member) pairs; without it, L{None}; an
+        invalid value, or C{--drained} without C{--worker}, is a usage
+        error naming the option.
+        """
+        from twisted.python import usage
+
+        from mtlsproxy.tap import Options
+
+        plugin = {"config": "/etc/p.toml"}
+        argv = workerArguments(None, plugin, 1, {}, 42, drained=[("app", "127.0.0.1:9"), ("b", "h:1")])
+        options = Options()
+        options.parseOptions(argv[argv.index("mtlsproxy") + 1:])
+        self.assertEqual(options["drained"], [("app", "127.0.0.1:9"), ("b", "h:1")])
+        argv = workerArguments(None, plugin, 1, {}, 42)
+        options = Options()
+        options.parseOptions(argv[argv.index("mtlsproxy") + 1:])
+        self.assertIsNone(options["drained"])
+        for extra in (["--worker", "1", "--supervisor", "42", "--inherit", "{}", "--drained", "[1]"],
+                      ["--drained", "[]"]):
+            with self.assertRaises(usage.UsageError) as raised:
+                Options().parseOptions(["--config", "x", *extra])
+            self.assertIn("--drained", str(raised.exception))
+
+    def test_makeServicePassesDrains(self) -> None:
+        """
+        When a worker is started with C{--drained}, its L{ProxyService} gets
+        those drains.
+        """
+        from mtlsproxy import workers
+        from mtlsproxy.service import ProxyService
+        from mtlsproxy.tap import Options, makeService
+
+        from .test_drain import CONFIG
+
+        self.patch(workers, "exitWithParent", lambda: True)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "p.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG)
+        options = Options()
+        options.parseOptions(["--config", path, "--worker", "1", "--supervisor", "42", "--inherit", "{}",
+                              "--drained", '[["app", "127.0.0.1:9"]]'])
+        service = makeService(options, _Reactor())
+        assert isinstance(service, ProxyService)
+        self.assertEqual(service.inheritedDrains, [("app", "127.0.0.1:9")])
+
+    def test_drainedBeforeListening(self) -> None:
+        """
+        When a L{ProxyService} is built with drained members, they are
+        draining by the time its listeners start (and stay so), and no
+        warning is logged.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from mtlsproxy.service import ProxyService
+
+        from .test_drain import CONFIG, makeProxy
+
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        proxy, reactor = makeProxy(self, CONFIG)
+        worker = ProxyService(reactor, proxy.loaded, workerIndex=1, workerCount=2,
+                              drained=[("app", "127.0.0.1:9")])
+        [member] = worker.pools["app"].members
+        self.assertFalse(member.draining)
+        listener = worker.listeners["plain"]
+        seen: list[bool] = []
+        start = listener.startService
+
+        def recordingStart() -> None:
+            seen.append(member.draining)
+            start()
+
+        listener.startService = recordingStart  # type: ignore[method-assign]
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        self.assertEqual(seen, [True])
+        self.assertTrue(listener.port is not None)
+        self.assertTrue(member.draining)
+        self.assertEqual([e for e in observer if e["log_level"] >= LogLevel.warn], [])
+
+    def test_unknownDrainWarned(self) -> None:
+        """
+        When a drained member's pool or member is not in the worker's
+        configuration, one warning each names it, and the rest is applied.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from mtlsproxy.service import ProxyService
+
+        from .test_drain import CONFIG, makeProxy
+
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        proxy, reactor = makeProxy(self, CONFIG)
+        worker = ProxyService(
+            reactor, proxy.loaded, workerIndex=1, workerCount=2,
+            drained=[("gone", "127.0.0.1:9"), ("app", "127.0.0.1:10"), ("app", "127.0.0.1:9")],
+        )
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        self.assertTrue(worker.pools["app"].members[0].draining)
+        warnings = [e for e in observer if e["log_level"] >= LogLevel.warn]
+        self.assertEqual(
+            [(e["pool"], e["member"], e["reason"]) for e in warnings],
+            [("gone", "127.0.0.1:9", "no such pool"), ("app", "127.0.0.1:10", "no such member")],
         )
 
 
@@ -382,11 +532,17 @@ class SupervisorTests(SynchronousTestCase):
             self.ports.append(port)
             return succeed(port)
 
+        self.extras: list[dict[str, Any]] = []
+
+        def arguments(index: int, inherited: Any, pid: int, statusSocket: Any, **extra: Any) -> list[str]:
+            self.extras.append(extra)
+            return ["worker", str(index), encodeInherited(inherited)]
+
         self.supervisor = WorkerSupervisor(
             self.reactor,
             [("a", "tcp:1"), ("b", "tcp:2")],
             2,
-            lambda index, inherited, pid, statusSocket: ["worker", str(index), encodeInherited(inherited)],
+            arguments,
             drainTimeout=3.0,
             installSignalHandlers=False,
             listen=listen,
@@ -425,6 +581,24 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 3)
         self.reactor.advance(0.2)
         self.assertEqual(len(self.reactor.spawned), 4)
+
+    def test_passesDrainedMembers(self) -> None:
+        """
+        When the supervisor has C{drainedMembers}, a worker started again is
+        given what it returns at that moment (C{drained=}); when it returns
+        none, or there is no C{drainedMembers}, no C{drained} is given.
+        """
+        self.assertEqual(self.extras, [{}, {}])
+        drained: list[tuple[str, str]] = []
+        self.supervisor.drainedMembers = lambda: drained
+        for index, expected in ((0, {}), (1, {"drained": [("app", "127.0.0.1:9")]})):
+            if index:
+                drained.append(("app", "127.0.0.1:9"))
+            protocol = [p for p, _, _, _ in self.reactor.spawned if p.index == index][-1]
+            protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+            self.reactor.advance(self.supervisor._delay)
+            self.assertEqual(self.extras[-1], expected)
+        self.assertEqual(len(self.extras), 4)
 
     def test_forwardsSignals(self) -> None:
         """
@@ -694,8 +868,9 @@ class WorkersIntegrationTests(TestCase):
         connections made), /status lists both workers and sums their
         figures, and /readyz turns 503 naming a killed worker; once the
         supervisor has started it again, a member drained before the kill
-        is drained in it too (replayed), and /readyz is 200 again once the
-        member is enabled.
+        is drained in it too (on its command line: from its very first
+        status answer), and /readyz is 200 again once the member is
+        enabled.
         """
         self.proxy.start()
         self._waitForWorkers()
@@ -742,7 +917,8 @@ class WorkersIntegrationTests(TestCase):
         )
 
         # A member drained through the supervisor before the kill is drained
-        # again in the new worker 1 (the supervisor replays it).
+        # again in the new worker 1 (passed on its command line, applied
+        # before it accepts; the supervisor replays it too).
         pool, member = report["pools"][0]["name"], report["pools"][0]["members"][0]["member"]
         self.assertEqual(http(status, f"/members/{pool}/{member}/drain", "POST")[0], 200)
         os.kill(pids[1], signal.SIGKILL)
@@ -751,18 +927,45 @@ class WorkersIntegrationTests(TestCase):
         )
         self.assertTrue(notReady)
 
+        answers: list[tuple[int, bool]] = []
+        commandLines: dict[int, list[str]] = {}
+
         def restartedDrained() -> bool:
             entry = json.loads(http(status, "/status")[1])["workers"][1]
-            return entry["pid"] not in (None, pids[1]) and bool(
-                entry.get("status", {}).get("pools", [{}])[0].get("members", [{}])[0].get("draining")
-            )
+            pid = entry["pid"]
+            if pid in (None, pids[1]):
+                return False
+            if pid not in commandLines:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        commandLines[pid] = f.read().decode().split("\0")
+                except OSError:
+                    pass
+            if "status" not in entry:
+                return False
+            draining = bool(entry["status"]["pools"][0]["members"][0].get("draining"))
+            answers.append((pid, draining))
+            return draining
 
         def worker1() -> str:
             entry = json.loads(http(status, "/status")[1])["workers"][1]
             return json.dumps([entry["pid"], entry.get("error"), entry.get("status", {}).get("pools")])
 
         self.assertTrue(harness.waitFor(restartedDrained, timeout=40), worker1())
-        self.assertIn(f"Worker 1: replayed the drain of pool {pool} member {member}", self.proxy.log())
+        # Its very first status answer already has the member draining.
+        self.assertEqual(answers[0], (answers[-1][0], True), answers)
+        argv = commandLines[answers[-1][0]]
+        self.assertEqual(json.loads(argv[argv.index("--drained") + 1]), [[pool, member]])
+        # Drained before it listened (its own log: the last twistd started).
+        restarted = self.proxy.log().rsplit("starting up.", 1)[1]
+        drainedAt = restarted.find(f"Pool {pool} member {member} draining")
+        self.assertTrue(0 <= drainedAt < restarted.find("Listener mtls (tls) listening on"), restarted)
+        # The replay, a backstop, follows (a no-op).
+        import re
+
+        self.assertTrue(
+            self.proxy.waitForLog(re.escape(f"Worker 1: replayed the drain of pool {pool} member {member}"), 10)
+        )
         self.assertEqual(
             json.loads(http(status, "/status")[1])["supervisor"]["drained_members"], [{"pool": pool, "member": member}]
         )
