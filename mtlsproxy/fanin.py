@@ -284,9 +284,29 @@ class FanIn:
         def remember(replies: list[WorkerReply]) -> list[WorkerReply]:
             if any(reply.code == 200 for reply in replies):
                 self.memory.applied(pool, member, action)
+                for reply in replies:
+                    if not reply.answered:
+                        self._catchUp(reply.worker)
             return replies
 
         return self.ask(b"POST", path).addCallback(remember)
+
+    def _catchUp(self, index: int) -> None:
+        """
+        Worker C{index} runs but did not answer a member control the others
+        applied (it is still starting, or was busy past the timeout): replay
+        the remembered drains to it once it answers (L{_Replay}), unless a
+        replay is on its way already (it reads the memory as it goes).  A
+        worker that is down gets them on its command line when it is started
+        again.
+        """
+        if index in self._replays or self.supervisor.stopping:
+            return
+        state = self.supervisor.workers[index]
+        if state.pid is None:
+            return
+        replay = self._replays[index] = _Replay(self, index, state.pid)
+        replay.start()
 
     def workerStarted(self, index: int) -> None:
         """

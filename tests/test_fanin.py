@@ -453,6 +453,26 @@ class FanInTests(SynchronousTestCase):
         self.reactor.advance(0.1)
         self.assertTrue(worker.pools["app"].members[0].draining)
 
+    def test_drainMissedByRunningWorkerReplayed(self) -> None:
+        """
+        When a running worker does not answer a drain the others applied
+        (still starting, or busy past the timeout), the supervisor replays
+        it to that worker once it answers, without a restart.
+        """
+        self.client.refusing.add(1)
+        self.assertEqual(render(self.root, b"/members/app/127.0.0.1:9/drain", b"POST").responseCode, 502)
+        self.assertFalse(self.workers[1].pools["app"].members[0].draining)
+        self.reactor.advance(0.1)
+        self.assertFalse(self.workers[1].pools["app"].members[0].draining)
+        self.client.refusing.clear()
+        self.reactor.advance(0.2)
+        self.assertTrue(self.workers[1].pools["app"].members[0].draining)
+        self.assertTrue(self.workers[0].pools["app"].members[0].draining)
+        # Done: nothing more is sent.
+        sent = len(self._replays(1))
+        self.reactor.advance(10)
+        self.assertEqual(len(self._replays(1)), sent)
+
     def test_enableCancelsReplay(self) -> None:
         """
         When a drained member is enabled again before the restarted
