@@ -22,7 +22,7 @@ replaced by then.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Final, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Final, Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
 from cryptography import x509
@@ -226,6 +226,27 @@ class _Items:
             )
         )
 
+    def addChain(self, leafKind: str, chain: Sequence[x509.Certificate]) -> None:
+        """
+        Add a certificate chain: its leaf as C{leafKind}, the rest as
+        intermediates.
+        """
+        if chain:
+            self.add(leafKind, chain[0])
+            for intermediate in chain[1:]:
+                self.add(CHAIN_CERTIFICATE, intermediate)
+
+    def addTrust(
+        self, cas: Iterable[x509.Certificate], crls: Iterable[x509.CertificateRevocationList]
+    ) -> None:
+        """
+        Add CA certificates and their CRLs.
+        """
+        for ca in cas:
+            self.add(CA_CERTIFICATE, ca)
+        for crl in crls:
+            self.add(CRL, crl)
+
 
 def _listenerItems(
     listener: str, material: ListenerMaterial, now: datetime
@@ -235,19 +256,10 @@ def _listenerItems(
     """
     items = _Items(listener, material.sourceOf, now)
     for certificate in material.certificates:
-        items.add(SERVER_CERTIFICATE, certificate.chain[0])
-        for intermediate in certificate.chain[1:]:
-            items.add(CHAIN_CERTIFICATE, intermediate)
+        items.addChain(SERVER_CERTIFICATE, certificate.chain)
     for certificate in material.certificates:
-        cas, crls = material.trustOf(certificate)
-        for ca in cas:
-            items.add(CA_CERTIFICATE, ca)
-        for crl in crls:
-            items.add(CRL, crl)
-    for ca in material.cas:
-        items.add(CA_CERTIFICATE, ca)
-    for crl in material.crls:
-        items.add(CRL, crl)
+        items.addTrust(*material.trustOf(certificate))
+    items.addTrust(material.cas, material.crls)
     return items.items
 
 
@@ -258,14 +270,8 @@ def _poolItems(pool: str, material: BackendTLSMaterial, now: datetime) -> list[E
     """
     sourceOf = getattr(material, "sourceOf", lambda item: None)
     items = _Items(POOL_PREFIX + pool, sourceOf, now, pool)
-    if material.chain:
-        items.add(CLIENT_CERTIFICATE, material.chain[0])
-        for intermediate in material.chain[1:]:
-            items.add(CHAIN_CERTIFICATE, intermediate)
-    for ca in material.cas:
-        items.add(CA_CERTIFICATE, ca)
-    for crl in material.crls:
-        items.add(CRL, crl)
+    items.addChain(CLIENT_CERTIFICATE, material.chain)
+    items.addTrust(material.cas, material.crls)
     return items.items
 
 

@@ -452,6 +452,25 @@ def _revocationFields(chain: tuple[ChainLink, ...], revocation: Revocation) -> d
     }
 
 
+def _loggedIfRevoked(
+    found: tuple[tuple[ChainLink, ...], dict[str, Any]],
+    crls: CRLIndex,
+    logFormat: str,
+    **who: Any,
+) -> bool:
+    """
+    Whether C{crls} revoke the chain of C{found} (the chain and the fields
+    that say whose it is); if so, log it with C{logFormat}, C{who} (the
+    connection's id, peer, listener) and the revocation's fields.
+    """
+    chain, fields = found
+    revocation = revocationIn(chain, crls)
+    if revocation is None:
+        return False
+    log.warn(logFormat, **who, **fields, **_revocationFields(chain, revocation))
+    return True
+
+
 def _closeRevoked(
     connections: Iterable[Any],
     crls: CRLIndex,
@@ -475,20 +494,10 @@ def _closeRevoked(
         if info.phase in _NOT_ESTABLISHED:
             continue
         found = chainOf(connection, info)
-        if found is None:
+        if found is None or not _loggedIfRevoked(
+            found, crls, logFormat, connectionId=info.id, peer=info.peer, listener=info.listener
+        ):
             continue
-        chain, fields = found
-        revocation = revocationIn(chain, crls)
-        if revocation is None:
-            continue
-        log.warn(
-            logFormat,
-            connectionId=info.id,
-            peer=info.peer,
-            listener=info.listener,
-            **fields,
-            **_revocationFields(chain, revocation),
-        )
         connection.closeNow(REVOKED_LIVE)
         closed.append(connection)
     return closed
@@ -600,20 +609,10 @@ def closeRevokedIdleBackends(
     closed = []
     for backend in cache.idleConnections():
         found = _memberChain(backend.transport, poolName)
-        if found is None:
+        if found is None or not _loggedIfRevoked(
+            found, crls, REVOKED_MEMBER_FORMAT, connectionId=None, peer="none (idle)", listener=listenerName
+        ):
             continue
-        chain, fields = found
-        revocation = revocationIn(chain, crls)
-        if revocation is None:
-            continue
-        log.warn(
-            REVOKED_MEMBER_FORMAT,
-            connectionId=None,
-            peer="none (idle)",
-            listener=listenerName,
-            **fields,
-            **_revocationFields(chain, revocation),
-        )
         cache.discard(backend)
         backend.close()
         closed.append(backend)

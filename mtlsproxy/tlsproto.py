@@ -84,6 +84,14 @@ the TLS protocol (its C{getHandle()} is still usable) and the reason.
 """
 
 RECORD_BATCH_SIZE = 2**18
+"""
+Most bytes moved between OpenSSL and Python in one go: decrypted records are
+read until this many bytes or no complete record is left, and delivered to
+the wrapped protocol as one chunk; encrypted bytes are taken out of the
+memory BIO in chunks of this size.  (Twisted's L{TLSMemoryBIOProtocol}
+reads one record, at most 16 KiB, per call and delivers each on its own;
+a relay then writes each to the other side on its own.)
+"""
 
 RELEASE_AFTER = 2**14
 """
@@ -98,14 +106,6 @@ RELEASE_DELAY = 1.0
 Seconds between a large chunk and giving the BIOs' memory back: at most
 once per second per busy connection (regrowing them right away for every
 chunk of a bulk transfer would cost more than it saves).
-"""
-"""
-Most bytes moved between OpenSSL and Python in one go: decrypted records are
-read until this many bytes or no complete record is left, and delivered to
-the wrapped protocol as one chunk; encrypted bytes are taken out of the
-memory BIO in chunks of this size.  (Twisted's L{TLSMemoryBIOProtocol}
-reads one record, at most 16 KiB, per call and delivers each on its own;
-a relay then writes each to the other side on its own.)
 """
 
 
