@@ -229,7 +229,7 @@ class BackendFaultTests(_ProxyFixture, SynchronousTestCase):
         backend = ScriptedBackend(hold)
         self.addCleanup(backend.stop)
         self.startProxy([backend.port], extraListener="idle_timeout = 1.5\n")
-        baseline = openDescriptors(self.pid)
+        baseline = quietDescriptors(self.pid)
 
         sock, conn = connectTLS(self.proxy.ports["mtls"], clientContext(self.pki, "client"))
         self.addCleanup(sock.close)
@@ -265,7 +265,7 @@ class BackendFaultTests(_ProxyFixture, SynchronousTestCase):
         backend = ScriptedBackend(readThenReset)
         self.addCleanup(backend.stop)
         self.startProxy([backend.port])
-        baseline = openDescriptors(self.pid)
+        baseline = quietDescriptors(self.pid)
 
         sock, conn = connectTLS(self.proxy.ports["mtls"], clientContext(self.pki, "client"))
         self.addCleanup(sock.close)
