@@ -20,6 +20,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -178,6 +179,15 @@ class HTTPBackend(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """
+        A reply the proxy no longer wants (it gave up on C{/slow}, or closed
+        the connection) is expected here; print anything else.
+        """
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class ProxyV2Backend:
