@@ -16,7 +16,10 @@ response.
 
 Checks never fail: network errors become C{CheckResult(False, reason)} with
 a short reason (L{describeFailure}), except for cancellation, which
-propagates.
+propagates.  A connection the proxy could not even make for want of its own
+resources (C{EMFILE} and the like) gives an inconclusive result
+(L{CheckResult.inconclusive<mtlsproxy.health.CheckResult.inconclusive>}),
+which leaves the member's health alone.
 
 Over TLS with a pool's backend TLS settings (a
 L{BackendTLS<mtlsproxy.backendtls.BackendTLS>}) the C{tls} and C{http}
@@ -201,7 +204,9 @@ def _notCancelled(failure: Failure) -> CheckResult:
     """
     if failure.check(CancelledError):
         failure.raiseException()
-    return CheckResult(False, describeFailure(failure))
+    return CheckResult(
+        False, describeFailure(failure), inconclusive=localResourceError(failure) is not None
+    )
 
 
 # ---------------------------------------------------------------------------

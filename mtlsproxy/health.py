@@ -85,10 +85,19 @@ class CheckResult:
     @ivar reason: One line for humans and logs, for a pass as well as a
         failure: C{"HTTP 200"}, C{"connection refused"},
         C{"timeout after 2.0s"}.
+    @ivar inconclusive: The check could not be made for a reason of the
+        proxy's own, not the member's (the proxy ran out of file
+        descriptors, socket buffers or ephemeral ports: see
+        L{mtlsproxy.pool.LOCAL_RESOURCE_ERRNOS}).  Such a result is
+        recorded and logged but changes neither the member's health nor
+        the threshold counts: under descriptor exhaustion every check fails
+        and would otherwise mark every healthy member down.  Give it with
+        C{healthy=False}.
     """
 
     healthy: bool
     reason: str
+    inconclusive: bool = attrs.field(default=False, kw_only=True)
 
 
 class OptionError(ValueError):
@@ -555,7 +564,9 @@ def checkOnce(
     After C{timeout} seconds the check's Deferred is cancelled and the result
     is C{CheckResult(False, "timeout after 2.0s")}, whatever the cancelled
     Deferred fired with.  A failed Deferred (or an exception from C{check})
-    is an unhealthy result whose reason is the exception's message; a result
+    is an unhealthy result whose reason is the exception's message, or an
+    inconclusive one when the failure is the proxy's own lack of resources
+    (L{mtlsproxy.pool.localResourceError}: C{EMFILE} and the like); a result
     that is not a L{CheckResult} is an unhealthy result too, and logged as a
     checker bug.
 
@@ -585,6 +596,16 @@ def checkOnce(
         if isinstance(result, Failure):
             if result.check(CancelledError):
                 return result
+            # Imported here: mtlsproxy.pool imports this module.
+            from .pool import localResourceError
+
+            ownError = localResourceError(result)
+            if ownError is not None:
+                return CheckResult(
+                    False,
+                    f"the proxy is out of resources ({ownError}): {_failureReason(result)}",
+                    inconclusive=True,
+                )
             return CheckResult(False, _failureReason(result))
         if not isinstance(result, CheckResult):
             _log.error(
@@ -653,7 +674,9 @@ class HealthMonitor(Service):
     logged with the fields C{pool}, C{member} (C{host:port}), C{healthy},
     C{state} and C{reason}; becoming healthy also ends a passive ejection
     (the member answered again).  After every check C{member.lastCheck} is
-    C{(result, time)}.
+    C{(result, time)}.  An inconclusive result (L{CheckResult.inconclusive}:
+    the proxy itself was out of descriptors) is recorded and logged, and
+    leaves the member's health and the consecutive counts as they were.
 
     Members the monitor has never checked start as C{initial_state} says;
     a member that already carries a check result (a reload handing the same
@@ -833,7 +856,16 @@ class HealthMonitor(Service):
         now = self._reactor.seconds()
         member.lastCheck = (result, now)
         config = self.config
-        if result.healthy:
+        if result.inconclusive:
+            self.log.warn(
+                "Health check of pool {pool} member {member} was inconclusive: {reason};"
+                " its health stays {state}",
+                pool=self.pool.name,
+                member=_hostPort(member),
+                reason=result.reason,
+                state="healthy" if member.healthy else "unhealthy",
+            )
+        elif result.healthy:
             watch.failures = 0
             watch.passes += 1
             if not member.healthy and (

@@ -95,7 +95,12 @@ class IHealthChecker(Interface):
             as long as the network does, because the caller cancels it when
             the pool's C{timeout} expires (so it must clean up on
             cancellation: close its connection).  A failed Deferred counts as
-            an unhealthy result whose reason is the failure's message.
+            an unhealthy result whose reason is the failure's message.  When
+            the check could not be made for the proxy's own reasons (out of
+            file descriptors), return C{CheckResult(False, reason,
+            inconclusive=True)}: the member's health stays as it was (a
+            failure with C{EMFILE} and the like as its errno is taken as
+            that too).
         """
 
 

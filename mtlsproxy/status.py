@@ -273,6 +273,7 @@ def _memberStatus(member: Any, now: float) -> dict[str, Any]:
         check = {
             "healthy": getattr(result, "healthy", None),
             "reason": getattr(result, "reason", None),
+            "inconclusive": getattr(result, "inconclusive", False),
             "time": _iso(datetime.fromtimestamp(when, timezone.utc)),
         }
     return {

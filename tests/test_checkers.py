@@ -444,6 +444,31 @@ class TCPCheckerTests(_ServerTestCase):
         self.assertEqual(result, CheckResult(False, "connection refused"))
 
     @inlineCallbacks
+    def test_outOfDescriptorsInconclusive(self) -> Generator[Any, Any, None]:
+        """
+        When this process cannot open another descriptor (its soft limit
+        lowered to the lowest free descriptor number while the check starts
+        its connection),
+        the result is inconclusive and names EMFILE, and nothing is
+        accepted.
+        """
+        import resource
+
+        tracker, port = self.listen(Factory.forProtocol(_Silent))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowestFree = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowestFree)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowestFree, hard))
+        try:
+            checking = TCPChecker(reactor).check(_member(port))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        result = yield checking
+        self.assertEqual((result.healthy, result.inconclusive), (False, True), result)
+        self.assertTrue(result.reason.startswith("the proxy is out of resources (EMFILE)"), result)
+        self.assertEqual(tracker.accepted, 0)
+
+    @inlineCallbacks
     def test_hostName(self) -> Generator[Any, Any, None]:
         """
         When the member's address is a host name, it is resolved without

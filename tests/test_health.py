@@ -63,6 +63,7 @@ FACTS = ConnectionFacts(listener="l", peerHost="127.0.0.1", peerPort=5555)
 PASS = CheckResult(True, "ok")
 FAIL = CheckResult(False, "down")
 HANG = object()
+INCONCLUSIVE = CheckResult(False, "the proxy is out of resources (EMFILE)", inconclusive=True)
 """
 A scripted outcome: a Deferred that never fires by itself.
 """
@@ -161,6 +162,8 @@ class CheckResultTests(SynchronousTestCase):
         When a result is built, it compares by value and cannot be changed.
         """
         self.assertEqual(CheckResult(True, "ok"), PASS)
+        self.assertFalse(PASS.inconclusive)
+        self.assertNotEqual(CheckResult(False, "down", inconclusive=True), FAIL)
         with self.assertRaises(attrs.exceptions.FrozenInstanceError):
             PASS.healthy = False  # type: ignore[misc]
 
@@ -539,6 +542,28 @@ class CheckOnceTests(SynchronousTestCase):
         )
         self.assertEqual([e["log_level"] for e in observer], [LogLevel.error])
 
+    def test_ownResourceFailureInconclusive(self) -> None:
+        """
+        When the checker's Deferred fails because the proxy itself is out of
+        descriptors (EMFILE from socket(), ENFILE from connect()), the result
+        is inconclusive, says it is the proxy's problem and names the errno;
+        any other connect error stays a plain failure.
+        """
+        import errno
+
+        from twisted.internet.error import ConnectBindError, ConnectError, ConnectionRefusedError
+
+        result = self.successResultOf(
+            self.outcome(ConnectBindError(errno.EMFILE, "Too many open files"))
+        )
+        self.assertEqual((result.healthy, result.inconclusive), (False, True))
+        self.assertTrue(result.reason.startswith("the proxy is out of resources (EMFILE)"), result)
+        result = self.successResultOf(self.outcome(ConnectError(errno.ENFILE, "table full")))
+        self.assertEqual((result.healthy, result.inconclusive), (False, True))
+        self.assertIn("(ENFILE)", result.reason)
+        result = self.successResultOf(self.outcome(ConnectionRefusedError()))
+        self.assertEqual((result.healthy, result.inconclusive), (False, False))
+
     def test_cancelledByCaller(self) -> None:
         """
         When the caller cancels, the check is cancelled and the Deferred
@@ -651,6 +676,49 @@ class HealthMonitorTests(SynchronousTestCase):
         self.assertEqual(down["log_level"], LogLevel.warn)
         self.assertEqual((up["healthy"], up["state"], up["reason"]), (True, "healthy", "HTTP 200"))
         self.assertEqual(up["log_level"], LogLevel.info)
+
+    def test_inconclusiveChangesNothing(self) -> None:
+        """
+        When checks are inconclusive (the proxy was out of descriptors), a
+        healthy member stays healthy however many there are, and the
+        consecutive failures before them still count: the next real failure
+        is the threshold-th.  The same for passes towards healthy.
+        """
+        reactor, pool, checker, monitor = _monitored(1, unhealthy_threshold=3, healthy_threshold=2)
+        member = pool.members[0]
+        checker.script(member, FAIL, FAIL, *[INCONCLUSIVE] * 5)
+        monitor.startService()
+        _nextCheck(reactor, checker, 7)
+        self.assertTrue(member.healthy)
+        self.assertEqual(member.lastCheck, (INCONCLUSIVE, reactor.seconds()))
+        checker.script(member, FAIL)
+        _nextCheck(reactor, checker)
+        self.assertFalse(member.healthy)
+
+        checker.script(member, PASS, INCONCLUSIVE, INCONCLUSIVE)
+        _nextCheck(reactor, checker, 3)
+        self.assertFalse(member.healthy)
+        checker.script(member, PASS)
+        _nextCheck(reactor, checker)
+        self.assertTrue(member.healthy)
+
+    def test_inconclusiveLogged(self) -> None:
+        """
+        When a check is inconclusive, a warning names the pool, the member,
+        the reason and the health it keeps.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        reactor, pool, checker, monitor = _monitored(1)
+        checker.script(pool.members[0], INCONCLUSIVE)
+        monitor.startService()
+        _nextCheck(reactor, checker)
+        [event] = [e for e in observer if "inconclusive" in e["log_format"]]
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(
+            {k: event[k] for k in ("pool", "member", "reason", "state")},
+            {"pool": "app", "member": "127.0.0.1:9000",
+             "reason": "the proxy is out of resources (EMFILE)", "state": "healthy"},
+        )
 
     def test_lastCheckRecorded(self) -> None:
         """

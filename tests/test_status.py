@@ -106,7 +106,8 @@ class StatusResourceTests(SynchronousTestCase):
 
     def test_lastCheckReported(self) -> None:
         """
-        When a member has a health check result, /status shows its reason.
+        When a member has a health check result, /status shows its reason
+        and whether it was inconclusive.
         """
         from mtlsproxy.health import CheckResult
 
@@ -114,8 +115,13 @@ class StatusResourceTests(SynchronousTestCase):
         data = json.loads(body(render(self.root, b"/status")))
         check = data["pools"][0]["members"][0]["last_check"]
         self.assertEqual(
-            check, {"healthy": False, "reason": "connection refused", "time": "1970-01-01T00:16:40Z"}
+            check,
+            {"healthy": False, "reason": "connection refused", "inconclusive": False,
+             "time": "1970-01-01T00:16:40Z"},
         )
+        self.member.lastCheck = (CheckResult(False, "out", inconclusive=True), 1000.0)
+        data = json.loads(body(render(self.root, b"/status")))
+        self.assertTrue(data["pools"][0]["members"][0]["last_check"]["inconclusive"])
 
     def test_metrics(self) -> None:
         """
