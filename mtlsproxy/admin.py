@@ -345,14 +345,15 @@ def makeNamespace(proxy: Any, clock: Any) -> dict[str, Any]:
                     f"  {m['member']}  weight {m['weight']}  {state}"
                     f"  active {m['active_connections']}  total {m['total_connections']}"
                     + (f"  last check: {check['reason']}" if check else "")
+                    + ("  (inconclusive)" if check and check.get("inconclusive") else "")
                 )
         for entry in data["certificates"] + data["crls"]:
             days = None if entry["seconds_left"] is None else entry["seconds_left"] / 86400
             left = "no nextUpdate" if days is None else f"{days:.1f} days left"
-            lines.append(
-                f"{entry['kind']} {entry['subject']} ({entry['listener']}):"
-                f" {entry['expires']}, {left}"
+            owner = (
+                f"pool {entry['pool']}" if entry.get("pool") else f"listener {entry['listener']}"
             )
+            lines.append(f"{entry['kind']} {entry['subject']} ({owner}): {entry['expires']}, {left}")
         return _Text("\n".join(lines))
 
     def connections() -> _Listing:

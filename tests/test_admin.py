@@ -78,6 +78,19 @@ class NamespaceTests(SynchronousTestCase):
         self.assertIn("pool app (round_robin)", text)
         self.assertIn("127.0.0.1:9  weight 1  healthy  active 0", text)
 
+    def test_statusNamesOwnersOfCertificates(self) -> None:
+        """
+        When status() lists certificates and CRLs, each says whether it is a
+        listener's or a pool's (C{[pools.tls]}), by name.
+        """
+        from tests.test_reload import BackendFixture
+
+        fixture = BackendFixture(self)
+        lines = repr(makeNamespace(fixture.proxy, fixture.reactor)["status"]()).splitlines()
+        owners = {re.search(r"\((listener|pool) [^)]+\)", line).group(0)  # type: ignore[union-attr]
+                  for line in lines if "days left" in line or "nextUpdate" in line}
+        self.assertEqual(owners, {"(listener mtls)", "(pool app)"})
+
     def test_drainEnableWeight(self) -> None:
         """
         When drain, enable and weight are called with a pool and a member
