@@ -153,6 +153,23 @@ class Outcome:
     """The proxy closed the connection (shutdown, operator, idle
     timeout)."""
 
+    REVOKED_LIVE = "revoked_live"
+    """A reload's CRL revokes the client's (or the member's) certificate
+    chain: the proxy closed the connection
+    (L{mtlsproxy.revocation.REVOKED_LIVE})."""
+
+    UNTRUSTED_LIVE = "untrusted_live"
+    """A reload's CA certificates no longer verify the client's (or the
+    member's) certificate chain: the proxy closed the connection
+    (L{mtlsproxy.revocation.UNTRUSTED_LIVE})."""
+
+
+_OWN_OUTCOMES: Final = frozenset({Outcome.REVOKED_LIVE, Outcome.UNTRUSTED_LIVE})
+"""
+The close reasons of L{HTTPProxyProtocol.closeNow} that a request under way
+reports as its own outcome; any other is L{Outcome.CLOSED}.
+"""
+
 
 class ClientPhase(enum.Enum):
     """
@@ -1568,7 +1585,7 @@ class HTTPProxyProtocol(Protocol):
         self._closeReason = reason
         exchange = self._exchange
         if exchange is not None and exchange.phase is not _ExchangePhase.DONE:
-            exchange.closeNow(Outcome.CLOSED)
+            exchange.closeNow(reason if reason in _OWN_OUTCOMES else Outcome.CLOSED)
         else:
             self._close()
 

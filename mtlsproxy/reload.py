@@ -31,7 +31,11 @@ A reload is all or nothing up to the point of applying it:
      new CRL revokes are closed (the listener's
      C{close_revoked_connections}), as are those relayed over TLS to a
      member whose certificate chain a pool's new CRL revokes (the pool's
-     C{[pools.tls]} C{close_revoked_connections}).
+     C{[pools.tls]} C{close_revoked_connections}).  Under the same
+     settings, when a listener's (or an SNI site's) CA certificates or a
+     pool's C{[pools.tls]} CAs changed, established connections whose
+     chain the new CAs no longer verify are closed too (withdrawn trust,
+     L{mtlsproxy.revocation.closeUntrustedConnections}).
 
 A broken file (bad PEM, a key that does not match, a CRL from an unknown
 issuer or with a bad signature, a file that vanished) stops at step 1 or 2:
@@ -62,9 +66,16 @@ from .errors import ConfigurationError
 from .expiry import ExpiryItem, ExpiryMonitor
 from .material import ListenerMaterial
 from .revocation import (
+    ListenerTrust,
+    TrustStore,
     closeRevokedBackendConnections,
     closeRevokedConnections,
     closeRevokedIdleBackends,
+    closeUntrustedBackendConnections,
+    closeUntrustedConnections,
+    closeUntrustedIdleBackends,
+    listenerTrustSets,
+    trustSet,
 )
 
 __all__ = [
@@ -79,7 +90,8 @@ __all__ = [
 
 RELOADED_FORMAT = (
     "Reloaded {path} ({trigger}): {applied} change(s) applied ({summary}), {restart} need a"
-    " restart, {revoked} revoked connection(s) closed"
+    " restart, {revoked} revoked connection(s) closed, {untrusted} no longer trusted"
+    " connection(s) closed"
 )
 """
 The C{log_format} (level C{info}) of a reload that was applied.  Fields:
@@ -87,7 +99,9 @@ C{path}, C{trigger} (C{"SIGHUP"}, C{"file change"}, C{"admin"}, ...),
 C{changes} (what was applied, one text each), C{summary} (the same joined
 with C{"; "}), C{applied} (their number),
 C{restartNeeded} (see L{RESTART_NEEDED_FORMAT}) and C{restart} (their
-number), C{revoked} (connections closed).
+number), C{revoked} (connections closed because a new CRL revokes their
+chain), C{untrusted} (connections closed because the new CA certificates no
+longer verify their chain).
 """
 
 RELOAD_FAILED_FORMAT = (
@@ -108,8 +122,8 @@ Fields: C{path}, C{change}.
 
 ABORT_REVOKED_AFTER = 5.0
 """
-Seconds a connection closed for revocation gets to flush before it is
-aborted.
+Seconds a connection closed for revocation (or withdrawn trust) gets to
+flush before it is aborted.
 """
 
 _LATE_SWEEP = 1.0
@@ -247,6 +261,9 @@ class ReloadResult:
         new CRL revokes their client's certificate chain or, for a pool
         with C{[pools.tls]}, their member's (idle backend connections of
         C{https} listeners included).
+    @ivar untrusted: How many established connections were closed because
+        the new CA certificates of their listener (or pool) no longer
+        verify their client's (or member's) chain, idle ones included.
     """
 
     ok: bool
@@ -254,6 +271,7 @@ class ReloadResult:
     changes: tuple[str, ...] = ()
     restartNeeded: tuple[str, ...] = ()
     revoked: int = 0
+    untrusted: int = 0
 
     def __str__(self) -> str:
         if not self.ok:
@@ -263,6 +281,10 @@ class ReloadResult:
         lines += [f"  needs a restart: {change}" for change in self.restartNeeded]
         if self.revoked:
             lines.append(f"  closed {self.revoked} connection(s) with revoked certificates")
+        if self.untrusted:
+            lines.append(
+                f"  closed {self.untrusted} connection(s) whose certificate chain is no longer trusted"
+            )
         return "\n".join(lines)
 
 
@@ -539,10 +561,13 @@ class Reloader(Service):
             # to legacy log observers.)
             self.log.warn("Configuration warning: {text}", text=warning)
         _compareFields(old, new, _APPLIED_TOP_FIELDS, "", restart)
+        backendsBefore = dict(self.backendsInForce)
         self._applyBackendTLS(new, loaded, backends or {}, changes, restart)
         self._applyPools(old, new, changes, restart)
-        revoked = self._applyListeners(new, loaded, factories, changes, restart)
-        revoked += self._sweepPools(new)
+        revoked, untrusted = self._applyListeners(new, loaded, factories, changes, restart)
+        poolsRevoked, poolsUntrusted = self._sweepPools(new, backendsBefore)
+        revoked += poolsRevoked
+        untrusted += poolsUntrusted
         if getattr(new, "drain_timeout", None) != getattr(old, "drain_timeout", None):
             drainer = getattr(self.proxy, "drainer", None)
             if drainer is not None:
@@ -573,10 +598,15 @@ class Reloader(Service):
             restartNeeded=restart,
             restart=len(restart),
             revoked=revoked,
+            untrusted=untrusted,
         )
         self.expiry.check()
         return ReloadResult(
-            ok=True, changes=tuple(changes), restartNeeded=tuple(restart), revoked=revoked
+            ok=True,
+            changes=tuple(changes),
+            restartNeeded=tuple(restart),
+            revoked=revoked,
+            untrusted=untrusted,
         )
 
     def _applyBackendTLS(
@@ -657,12 +687,14 @@ class Reloader(Service):
         factories: dict[str, Any],
         changes: list[str],
         restart: list[str],
-    ) -> int:
+    ) -> tuple[int, int]:
         """
         Swap the TLS contexts and update the relay settings of each running
-        listener; close connections whose certificates are now revoked.
+        listener; close connections whose certificates are now revoked, or
+        (when the listener's CA certificates changed) no longer trusted.
 
-        @return: How many connections were closed.
+        @return: How many connections were closed for revocation, and for
+            withdrawn trust.
         """
         running = self.proxy.listeners
         wanted = {listener.name: listener for listener in new.listeners}
@@ -672,7 +704,7 @@ class Reloader(Service):
         for name in running:
             if name not in wanted:
                 restart.append(f"listener {name!r} was removed; it keeps running until a restart")
-        revoked = 0
+        revoked = untrusted = 0
         for name, listenerConfig in wanted.items():
             service = running.get(name)
             if service is None:
@@ -694,7 +726,12 @@ class Reloader(Service):
                 f"listener {name!r}",
                 restart,
             )
+            trustChanged = False
             if name in factories:
+                before = self.inForce.get(name)
+                trustChanged = before is not None and listenerTrustSets(
+                    before
+                ) != listenerTrustSets(loaded.listeners[name])
                 self.proxy.contextFactories[name].current = factories[name]
                 self.inForce[name] = loaded.listeners[name]
                 changes.append(f"listener {name!r}: new TLS contexts")
@@ -704,9 +741,14 @@ class Reloader(Service):
             service.listenerConfig = _running(was, listenerConfig)
             current = getattr(self.proxy, "contextFactories", {}).get(name)
             if current is not None and getattr(listenerConfig, "close_revoked_connections", True):
-                revoked += self._sweep(name, current.current.crls)
-                self._lateSweep(name, listenerConfig)
-        return revoked
+                closed = self._sweep(name, current.current.crls)
+                revoked += len(closed)
+                if trustChanged:
+                    # Only when the CAs changed: an unrelated reload costs
+                    # no verification.
+                    untrusted += len(self._sweepUntrusted(name, closed))
+                self._lateSweep(name, listenerConfig, trustChanged)
+        return revoked, untrusted
 
     def _updateRelay(
         self,
@@ -772,64 +814,109 @@ class Reloader(Service):
 
     # -- live revocation ----------------------------------------------------
 
-    def _sweep(self, listenerName: str, crls: Any) -> int:
+    def _sweep(self, listenerName: str, crls: Any) -> list[Any]:
         """
         Close the established connections of a listener that C{crls}
         revoke; abort them if they do not go within
         L{ABORT_REVOKED_AFTER} seconds.
+
+        @return: The connections closed.
         """
         closed = closeRevokedConnections(self.proxy.connections, listenerName, crls)
         for connection in closed:
             self._later(ABORT_REVOKED_AFTER, _abortIfOpen, connection)
-        return len(closed)
+        return closed
 
-    def _sweepPools(self, new: Any) -> int:
+    def _sweepUntrusted(self, listenerName: str, exclude: list[Any]) -> list[Any]:
+        """
+        Close the established connections of a listener whose client chain
+        the CA certificates in force (of the site each connection's server
+        name selects) no longer verify, except those in C{exclude};
+        abort them if they do not go within L{ABORT_REVOKED_AFTER} seconds.
+
+        @return: The connections closed.
+        """
+        swappable = self.proxy.contextFactories.get(listenerName)
+        material = self.inForce.get(listenerName)
+        if swappable is None or material is None:
+            return []
+        trust = ListenerTrust.fromFactory(swappable.current, material)
+        closed = closeUntrustedConnections(self.proxy.connections, listenerName, trust, exclude)
+        for connection in closed:
+            self._later(ABORT_REVOKED_AFTER, _abortIfOpen, connection)
+        return closed
+
+    def _sweepPools(self, new: Any, before: dict[str, BackendTLSMaterial]) -> tuple[int, int]:
         """
         For each pool with C{[pools.tls]} and C{close_revoked_connections}:
         close the connections relayed to a member whose chain the pool's
-        CRLs in force revoke, now and again once the connection attempts
+        CRLs in force revoke or, if the pool's CA certificates changed
+        (against C{before}, the material in force before the reload), its
+        CAs no longer verify; now and again once the connection attempts
         under way at the reload are over.
 
-        @return: How many connections were closed now.
+        @return: How many connections were closed now for revocation, and
+            for withdrawn trust.
         """
         holders = getattr(self.proxy, "backendTLS", {})
-        revoked = 0
+        revoked = untrusted = 0
         for poolConfig in new.pools:
             tls = getattr(poolConfig, "tls", None)
             if tls is None or not tls.close_revoked_connections:
                 continue
             if poolConfig.name not in holders:
                 continue
-            revoked += self._sweepPool(poolConfig.name)
+            was, now = before.get(poolConfig.name), self.backendsInForce.get(poolConfig.name)
+            trustChanged = (
+                was is not None and now is not None and trustSet(was.cas) != trustSet(now.cas)
+            )
+            closedRevoked, closedUntrusted = self._sweepPool(poolConfig.name, trustChanged)
+            revoked += closedRevoked
+            untrusted += closedUntrusted
             # Connection attempts under way verified their member against
-            # the CRLs of their (old) context: TCP and TLS each get up to
-            # connect_timeout.
+            # the CRLs and CAs of their (old) context: TCP and TLS each get
+            # up to connect_timeout.
             delay = 2 * float(poolConfig.connect_timeout) + _LATE_SWEEP
-            self._later(delay, self._sweepPool, poolConfig.name)
-        return revoked
+            self._later(delay, self._sweepPool, poolConfig.name, trustChanged)
+        return revoked, untrusted
 
-    def _sweepPool(self, poolName: str) -> int:
+    def _sweepPool(self, poolName: str, trust: bool = False) -> tuple[int, int]:
         """
         Close the established connections (and the idle ones of C{https}
         listeners) to members of a pool that its backend CRLs in force
-        revoke; abort those that do not go within L{ABORT_REVOKED_AFTER}
-        seconds.
+        revoke and, if C{trust}, those whose chain its CAs in force no
+        longer verify; abort those that do not go within
+        L{ABORT_REVOKED_AFTER} seconds.
+
+        @return: How many were closed for revocation, and for withdrawn
+            trust.
         """
         holder = getattr(self.proxy, "backendTLS", {}).get(poolName)
         if holder is None:
-            return 0
+            return 0, 0
+        revoked: list[Any] = []
+        revokedIdle: list[Any] = []
         crls = holder.current.crls
-        if not len(crls):
-            return 0
-        closed = closeRevokedBackendConnections(self.proxy.connections, poolName, crls)
-        for connection in closed:
+        if len(crls):
+            revoked = closeRevokedBackendConnections(self.proxy.connections, poolName, crls)
+            for name, cache in self._idleBackendCaches():
+                revokedIdle += closeRevokedIdleBackends(cache, name, poolName, crls)
+        untrusted: list[Any] = []
+        untrustedIdle: list[Any] = []
+        material = self.backendsInForce.get(poolName)
+        if trust and material is not None:
+            store = TrustStore(material.cas, "server")
+            untrusted = closeUntrustedBackendConnections(
+                self.proxy.connections, poolName, store, revoked
+            )
+            # (Idle connections closed for revocation have left the cache.)
+            for name, cache in self._idleBackendCaches():
+                untrustedIdle += closeUntrustedIdleBackends(cache, name, poolName, store)
+        for connection in revoked + untrusted:
             self._later(ABORT_REVOKED_AFTER, _abortIfOpen, connection)
-        idle: list[Any] = []
-        for name, cache in self._idleBackendCaches():
-            idle += closeRevokedIdleBackends(cache, name, poolName, crls)
-        for backend in idle:
+        for backend in revokedIdle + untrustedIdle:
             self._later(ABORT_REVOKED_AFTER, _abortIdleIfOpen, backend)
-        return len(closed) + len(idle)
+        return len(revoked) + len(revokedIdle), len(untrusted) + len(untrustedIdle)
 
     def _idleBackendCaches(self) -> list[tuple[str, Any]]:
         """
@@ -845,17 +932,20 @@ class Reloader(Service):
                 caches.append((name, cache))
         return caches
 
-    def _lateSweep(self, listenerName: str, listenerConfig: Any) -> None:
+    def _lateSweep(self, listenerName: str, listenerConfig: Any, trust: bool = False) -> None:
         """
         Check again once the handshakes under way at the reload are over:
-        OpenSSL verified them against the CRLs of their (old) context.
+        OpenSSL verified them against the CRLs (and CAs) of their (old)
+        context.  The CAs are checked only if C{trust} (they changed).
         """
         delay = float(getattr(listenerConfig, "handshake_timeout", 10.0)) + _LATE_SWEEP
 
         def sweep() -> None:
             current = self.proxy.contextFactories.get(listenerName)
             if current is not None:
-                self._sweep(listenerName, current.current.crls)
+                closed = self._sweep(listenerName, current.current.crls)
+                if trust:
+                    self._sweepUntrusted(listenerName, closed)
 
         self._later(delay, sweep)
 

@@ -582,3 +582,241 @@ name = "app"
         self.writeConfig(self.configText(self.backendList[:2]).replace("tcp:0:interface=127.0.0.1", "tcp:1:interface=127.0.0.1"))
         self.waitForCount(r"this needs a restart", 1)
         self.assertEqual(self.client().exchange(b"same port"), b"same port")
+
+
+class TrustWithdrawnIntegrationTests(_Proxy, SynchronousTestCase):
+    """
+    Withdrawn trust against the real proxy: a reload that takes a CA out
+    of a listener's C{ca_certificates} (or a pool's C{[pools.tls]}) closes
+    the established connections it verified, and only those.
+    """
+
+    def setUp(self) -> None:
+        d = self.makeDir()
+        self.pki = DemoPKI(os.path.join(d, "pki"))
+        p = self.pki
+        # CA-B: the root of the "untrusted" client, trusted at first.
+        p.write("ca-ab.pem", open(p.path("ca-bundle.pem"), "rb").read() + pki.certificatePEM(p.other.certificate))
+        p.write("crls-ab.pem", open(p.path("crls.pem"), "rb").read() + pki.crlPEM(pki.buildCRL(p.other)))
+
+    def listenerConfig(self, cas: str, crls: str, backends: list[EchoBackend], extraPool: str = "") -> str:
+        p = self.pki.directory
+        return f"""
+reload_poll_interval = 0.3
+
+[[listeners]]
+name = "mtls"
+endpoint = "tcp:0:interface=127.0.0.1"
+protocol = "tls"
+pool = "app"
+client_auth = "required"
+ca_certificates = [{cas}]
+crls = [{crls}]
+
+[[listeners.certificates]]
+cert = "{p}/server-chain.pem"
+key = "{p}/server.key"
+
+[[pools]]
+name = "app"
+connect_timeout = 2.0
+{extraPool}
+{members(backends)}
+"""
+
+    def writeConfig(self, text: str) -> None:
+        path = self.proxy.config
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    def client(self, name: str) -> LiveClient:
+        client = LiveClient(
+            self.proxy.ports["mtls"],
+            self.pki.path("root.crt"),
+            b"localhost",
+            (self.pki.path(f"{name}-chain.pem"), self.pki.path(f"{name}.key")),
+        )
+        self.addCleanup(client.close)
+        return client
+
+    def test_caRemovedClosesItsClients(self) -> None:
+        """
+        When the listener's CA bundle loses CA-B and the proxy reloads, the
+        client with a certificate from CA-B sees its connection closed and
+        the log names the connection, the listener and CA-B; the client
+        from CA-A stays connected and still relays bytes; the client from
+        CA-B cannot connect again.
+        """
+        p = self.pki.directory
+        backends = self.backends(1)
+        self.startProxy(self.listenerConfig(f'"{p}/ca-ab.pem"', f'"{p}/crls-ab.pem"', backends))
+        fromB = self.client("untrusted")
+        fromA = self.client("client")
+        self.assertEqual(fromB.exchange(b"b"), b"b")
+        self.assertEqual(fromA.exchange(b"a"), b"a")
+        self.writeConfig(self.listenerConfig(f'"{p}/ca-bundle.pem"', f'"{p}/crls.pem"', backends))
+        self.waitForCount(r"untrusted_live", 1)
+        self.assertTrue(fromB.closedByProxy())
+        serial = format(self.pki.other.certificate.serial_number, "x")
+        self.assertRegex(
+            self.proxy.log(),
+            rf"Closing connection \d+ of 127\.0\.0\.1:\d+ on listener mtls: untrusted_live:"
+            rf" certificate {serial} \(CN=Untrusted Root, issued by CN=Untrusted Root\) is no"
+            r" longer trusted: unable to get local issuer certificate",
+        )
+        self.waitForCount(r"Reloaded .* 0 revoked connection\(s\) closed, 1 no longer trusted", 1)
+        self.assertEqual(fromA.exchange(b"still here"), b"still here")
+        self.assertEqual(self.logCount("untrusted_live"), 1)
+        with self.assertRaises((SSL.Error, ConnectionError, TimeoutError)):
+            self.client("untrusted").exchange(b"again")
+
+    def test_poolCARemovedClosesRelayToItsMember(self) -> None:
+        """
+        When a pool's C{[pools.tls]} CAs lose the CA of one member and the
+        proxy reloads, the client connection relayed to that member is
+        closed and the log names the member, the pool and the CA; the
+        connection relayed to the other member goes on.
+        """
+        from .test_integration_backendtls import MemberPKI, TLSEchoMember
+
+        members = MemberPKI(os.path.join(self.dir, "member-pki"))
+        rootB = pki.createRootCA("Member Root B")
+        interB = pki.createIntermediateCA(rootB, "Member Intermediate B")
+        memberB = pki.issueServerCertificate(
+            interB, "app.internal", dnsNames=["app.internal"], ipAddresses=["127.0.0.1"]
+        )
+        members.write("memberB.pem", pki.chainPEM([memberB.certificate, interB.certificate]))
+        members.write("memberB.key", pki.keyPEM(memberB.key))
+        members.write("member-ca-b.pem", pki.chainPEM([rootB.certificate, interB.certificate]))
+        members.write("member-crls-b.pem", pki.crlPEM(pki.buildCRL(rootB)) + pki.crlPEM(pki.buildCRL(interB)))
+        memberA = TLSEchoMember("member-a", members, "good")
+        memberBServer = TLSEchoMember("member-b", members, "memberB")
+        for member in (memberA, memberBServer):
+            self.addCleanup(member.stop)
+        m = members.directory
+
+        def config(cas: str, crls: str) -> str:
+            pool = (
+                "[pools.tls]\n"
+                f"ca_certificates = [{cas}]\n"
+                f"crls = [{crls}]\n"
+                'server_name = "app.internal"\n'
+                f'cert = "{m}/proxy-client.pem"\n'
+                f'key = "{m}/proxy-client.key"\n'
+            )
+            p = self.pki.directory
+            return self.listenerConfig(f'"{p}/ca-bundle.pem"', f'"{p}/crls.pem"', [memberA, memberBServer], pool)  # type: ignore[list-item]
+
+        self.startProxy(
+            config(f'"{m}/member-ca.pem", "{m}/member-ca-b.pem"', f'"{m}/member-crls.pem", "{m}/member-crls-b.pem"')
+        )
+        relayed: dict[str, LiveClient] = {}
+        for _ in range(2):
+            before = (len(memberA.peers), len(memberBServer.peers))
+            client = self.client("client")
+            self.assertEqual(client.exchange(b"hello"), b"hello")
+            after = (len(memberA.peers), len(memberBServer.peers))
+            relayed["a" if after[0] > before[0] else "b"] = client
+        self.assertEqual(sorted(relayed), ["a", "b"], self.proxy.log())
+        self.writeConfig(config(f'"{m}/member-ca.pem"', f'"{m}/member-crls.pem"'))
+        self.waitForCount(rf"untrusted_live: member 127\.0\.0\.1:{memberBServer.port} of pool app", 1)
+        self.assertTrue(relayed["b"].closedByProxy())
+        self.assertRegex(
+            self.proxy.log(),
+            rf"presents certificate {memberB.certificate.serial_number:x} \(CN=app\.internal\),"
+            rf" whose chain through {rootB.certificate.serial_number:x} \(CN=Member Root B,",
+        )
+        self.assertEqual(relayed["a"].exchange(b"still relayed"), b"still relayed")
+        self.assertEqual(self.logCount("untrusted_live"), 1)
+
+
+class HTTPSReloadIntegrationTests(_Proxy, SynchronousTestCase):
+    """
+    Live revocation on an C{https} listener: a reload whose CRL revokes a
+    client closes its keep-alive connections, idle or with a request under
+    way, and that request's access line says C{revoked_live}.
+    """
+
+    def setUp(self) -> None:
+        from .test_integration_http import HTTPBackend, listener, pool
+
+        d = self.makeDir()
+        self.pki = DemoPKI(os.path.join(d, "pki"))
+        self.pki.writeClient("client2", pki.issueClientCertificate(self.pki.inter, "client-two"), [self.pki.inter])
+        backend = HTTPBackend("web")
+        self.addCleanup(backend.stop)
+        self.startProxy(
+            "reload_poll_interval = 0.3\n"
+            + listener("web", "https", "web", self.pki.directory, "response_timeout = 30")
+            + pool("web", [backend.port])
+        )
+
+    def connection(self, name: str) -> Any:
+        import http.client
+        import ssl
+
+        context = ssl.create_default_context(cafile=self.pki.path("root.crt"))
+        context.load_cert_chain(self.pki.path(f"{name}-chain.pem"), self.pki.path(f"{name}.key"))
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", self.proxy.ports["web"], context=context, timeout=TIMEOUT
+        )
+        self.addCleanup(conn.close)
+        return conn
+
+    def get(self, conn: Any, path: str = "/echo") -> int:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return int(response.status)
+
+    def test_crlReloadClosesKeepAliveConnections(self) -> None:
+        """
+        When a reloaded CRL revokes a client that has two keep-alive
+        connections, one idle and one waiting for a slow response, both
+        are closed (the waiting request gets no response), the waiting
+        request's access line says C{revoked_live}, and another client's
+        connection goes on serving requests.
+        """
+        import threading
+
+        waiting = self.connection("client")
+        idle = self.connection("client")
+        other = self.connection("client2")
+        for conn in (waiting, idle, other):
+            self.assertEqual(self.get(conn), 200)
+        outcome: list[object] = []
+
+        def slow() -> None:
+            try:
+                outcome.append(self.get(waiting, "/slow?seconds=4"))
+            except Exception as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=slow, daemon=True)
+        thread.start()
+        time.sleep(0.5)
+        p = self.pki
+        self.write(
+            os.path.join(p.directory, "crls.pem"),
+            pki.crlPEM(pki.buildCRL(p.root, [p.badinter.certificate]))
+            + pki.crlPEM(pki.buildCRL(p.inter, [p.revoked.certificate, p.client.certificate], crlNumber=2))
+            + pki.crlPEM(pki.buildCRL(p.badinter)),
+        )
+        self.waitForCount(r"Reloaded .* 2 revoked connection\(s\) closed", 1)
+        thread.join(TIMEOUT)
+        self.assertEqual(len(outcome), 1)
+        self.assertIsInstance(outcome[0], Exception, outcome)
+        self.waitForCount(r'"GET /slow\?seconds=4 HTTP/1\.1" None -> \S+ pool=web revoked_live', 1)
+        serial = format(p.client.certificate.serial_number, "x")
+        self.assertEqual(
+            self.logCount(rf"on listener web: revoked_live: certificate {serial} \(CN=client-ok"), 2
+        )
+        idle.sock.settimeout(TIMEOUT)
+        try:
+            self.assertEqual(idle.sock.recv(1), b"")
+        except TimeoutError:
+            self.fail("the idle connection of the revoked client is still open")
+        except OSError:
+            pass  # closed: a reset or an EOF without close_notify
+        self.assertEqual(self.get(other), 200)
