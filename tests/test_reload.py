@@ -969,12 +969,14 @@ class BackendFixture(ProxyFixture):
         self.write("proxy-client.pem", pki.certificatePEM(issued.certificate))
         self.write("proxy-client.key", pki.keyPEM(issued.key))
 
-    def relay(self, leaf: Optional[pki.Issued] = None, clientPort: int = 40000) -> Connection:
+    def relay(self, leaf: Optional[pki.Issued] = None, clientPort: int = 40000,
+              issuer: Optional[pki.Issued] = None) -> Connection:
         """
         A client connection to the C{tcp} listener: the relay's attempt to
         reach a member, completed in memory with a member that presents
-        C{leaf} (default L{BackendPKI.member}).  The client's transport is
-        L{lastClient}, its protocol L{lastRelay}.
+        C{leaf} (default L{BackendPKI.member}) and C{issuer} (default its
+        intermediate).  The client's transport is L{lastClient}, its
+        protocol L{lastRelay}.
         """
         factory = self.proxy.listeners["plain"].factory
         client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", clientPort))
@@ -985,7 +987,7 @@ class BackendFixture(ProxyFixture):
         self.lastRelay = protocol
         attempt = self.reactor.tcpClients[-1][2]
         connection = connectToMember(
-            attempt, memberContext(leaf, version=BACKEND_TLS13), self.reactor
+            attempt, memberContext(leaf, issuer, version=BACKEND_TLS13), self.reactor
         )
         connection.pump.flush()
         return connection

@@ -18,7 +18,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
 from OpenSSL import SSL
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -506,25 +505,6 @@ class MemberTrustFixture(BackendFixture):
             b"".join(pki.crlPEM(pki.buildCRL(ca, crlNumber=crlNumber)) for ca in self.backendCAs),
         )
 
-    def relayTo(self, leaf: pki.Issued, issuer: pki.Issued, clientPort: int) -> Connection:
-        """
-        As L{BackendFixture.relay}, with a member that presents C{leaf}
-        and C{issuer}.
-        """
-        factory = self.proxy.listeners["plain"].factory
-        client = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", clientPort))
-        protocol = factory.buildProtocol(client.getPeer())
-        protocol.makeConnection(client)
-        protocol.dataReceived(b"request")
-        self.lastClient = client
-        self.lastRelay = protocol
-        attempt = self.reactor.tcpClients[-1][2]
-        connection = connectToMember(
-            attempt, memberContext(leaf, issuer, version=BACKEND_TLS13), self.reactor
-        )
-        connection.pump.flush()
-        return connection
-
 
 class MemberTrustTests(_EventsMixin, SynchronousTestCase):
     """
@@ -543,7 +523,7 @@ class MemberTrustTests(_EventsMixin, SynchronousTestCase):
         self.trust = self.fixture.trust
 
     def relay(self, leaf: pki.Issued, issuer: pki.Issued, port: int) -> tuple[Connection, StringTransport, Any]:
-        connection = self.fixture.relayTo(leaf, issuer, port)
+        connection = self.fixture.relay(leaf, port, issuer)
         self.assertEqual(connection.member.received, b"request")
         return connection, self.fixture.lastClient, self.fixture.lastRelay
 
