@@ -161,7 +161,7 @@ class Outcome:
     UNTRUSTED_LIVE = "untrusted_live"
     """A reload's CA certificates no longer verify the client's (or the
     member's) certificate chain: the proxy closed the connection
-    (L{mtlsproxy.revocation.UNTRUSTED_LIVE})."""
+    (L{mtlsproxy.trust.UNTRUSTED_LIVE})."""
 
 
 _OWN_OUTCOMES: Final = frozenset({Outcome.REVOKED_LIVE, Outcome.UNTRUSTED_LIVE})

@@ -35,7 +35,7 @@ A reload is all or nothing up to the point of applying it:
      settings, when a listener's (or an SNI site's) CA certificates or a
      pool's C{[pools.tls]} CAs changed, established connections whose
      chain the new CAs no longer verify are closed too (withdrawn trust,
-     L{mtlsproxy.revocation.closeUntrustedConnections}).
+     L{mtlsproxy.trust.closeUntrustedConnections}).
 
 A broken file (bad PEM, a key that does not match, a CRL from an unknown
 issuer or with a bad signature, a file that vanished) stops at step 1 or 2:
@@ -66,11 +66,13 @@ from .errors import ConfigurationError
 from .expiry import ExpiryItem, ExpiryMonitor
 from .material import ListenerMaterial
 from .revocation import (
-    ListenerTrust,
-    TrustStore,
     closeRevokedBackendConnections,
     closeRevokedConnections,
     closeRevokedIdleBackends,
+)
+from .trust import (
+    ListenerTrust,
+    TrustStore,
     closeUntrustedBackendConnections,
     closeUntrustedConnections,
     closeUntrustedIdleBackends,

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_trust_withdrawn -*-
 """
 Tests for withdrawn trust of established connections
-(L{mtlsproxy.revocation.closeUntrustedConnections} and its backend
+(L{mtlsproxy.trust.closeUntrustedConnections} and its backend
 counterparts, driven by L{mtlsproxy.reload.Reloader}), and for the close
 reason an C{https} listener's request reports when a reload closes its
 connection.
@@ -25,16 +25,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mtlsproxy import pki
 from mtlsproxy.http import Outcome
-from mtlsproxy.revocation import (
-    REVOKED_LIVE,
-    REVOKED_LIVE_FORMAT,
+from mtlsproxy.revocation import REVOKED_LIVE, REVOKED_LIVE_FORMAT, PeerChain, peerChainOf
+from mtlsproxy.trust import (
     UNTRUSTED_LIVE,
     UNTRUSTED_LIVE_FORMAT,
     UNTRUSTED_MEMBER_FORMAT,
-    PeerChain,
     TrustStore,
     closeUntrustedIdleBackends,
-    peerChainOf,
     trustSet,
 )
 from tests.test_backendtls import TLS13 as BACKEND_TLS13
