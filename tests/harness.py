@@ -159,6 +159,23 @@ class EchoBackend:
         self._sock.close()
 
 
+def childSignals() -> Optional[Callable[[], None]]:
+    """
+    What a twistd child must run before C{exec} so that C{SIGINT} reaches
+    its handler: L{None} usually.  A test run started in the background
+    by a non-interactive shell (C{nohup}, C{cmd &}) inherits C{SIGINT}
+    ignored, and so would twistd, which then never installs its handler
+    (Twisted installs it only over Python's default one).
+    """
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        return None
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return restore
+
+
 class ProxyProcess:
     """
     C{twistd -n mtlsproxy --config FILE} as a child process, with its log
@@ -182,6 +199,7 @@ class ProxyProcess:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=childSignals(),
         )
         deadline = time.monotonic() + timeout
         pattern = re.compile(r"Listener (\S+) \(\w+\) listening on [\d.:\[\]a-f]*:(\d+)")

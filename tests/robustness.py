@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from OpenSSL import SSL
 
-from .harness import BIN, DemoPKI, EchoBackend, ProxyProcess, clientContext, tlsConfig, tlsExchange
+from .harness import BIN, DemoPKI, EchoBackend, ProxyProcess, childSignals, clientContext, tlsConfig, tlsExchange
 
 
 def openDescriptors(pid: int) -> int:
@@ -168,8 +168,11 @@ class LimitedProxyProcess(ProxyProcess):
     def start(self, listeners: int = 1, timeout: float = 20.0,
               env: Optional[dict[str, str]] = None) -> "LimitedProxyProcess":
         limit = self.fileLimit
+        signals = childSignals()
 
         def lower() -> None:
+            if signals is not None:
+                signals()
             if limit is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 

@@ -327,15 +327,15 @@ class _ServerTestCase(TestCase):
         self.addCleanup(tracker.allClosed)
         return tracker, port.getHost().port
 
-    @inlineCallbacks
-    def closedPort(self) -> Generator[Any, Any, int]:
+    def closedPort(self) -> Deferred[int]:
         """
-        A port nothing listens on (any more).
+        A port nothing listens on: bound, not listening, until the test
+        ends, so that no other process can take it meanwhile.
         """
-        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
-        number = port.getHost().port
-        yield port.stopListening()
-        return number
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        return succeed(int(sock.getsockname()[1]))
 
     def httpServer(self, status: int = 200, body: bytes = b"ok",
                    tlsIssued: Optional[pki.Issued] = None) -> tuple[_HealthResource, _Tracker, int]:
@@ -982,6 +982,13 @@ class MonitorWithRealCheckerTests(_ServerTestCase):
         self.assertTrue(member.healthy)
 
         yield listening.stopListening()
+        # Bound, not listening, until it listens again: no other process
+        # takes the port meanwhile (a listener with SO_REUSEADDR, as
+        # Twisted's, can still bind it).
+        reserved = socket.socket()
+        self.addCleanup(reserved.close)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reserved.bind(("127.0.0.1", portNumber))
         took = yield self.waitFor(lambda: not member.healthy, 2.0)
         self.assertLess(took, 0.1 * 2 + 0.1 + 0.5)
         self.assertEqual(pool.candidates(), [])

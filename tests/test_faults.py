@@ -84,13 +84,18 @@ class _Port:
         self.port = port
 
 
-def _freePort() -> int:
+def _reservedPort(port: int = 0) -> socket.socket:
     """
-    A TCP port on 127.0.0.1 that nothing listens on now.
+    A socket bound, not listening, to C{port} on 127.0.0.1 (a free one for
+    0), with SO_REUSEADDR.  While it is open no other socket of any process
+    takes the port (a port picked and released would be free for anyone
+    until the proxy binds it), yet a listener with SO_REUSEADDR, as
+    Twisted's, can bind and listen on it.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    return s
 
 
 def _timeWaitOn(port: int) -> bool:
@@ -132,6 +137,10 @@ class _ProxyFixture:
         self.proxy = proxy
         match = proxy.waitForLog(r"Status endpoint \(http\) listening on 127\.0\.0\.1:(\d+)")
         self.statusPort = int(match.group(1)) if match else None
+        # Those lines are logged before twistd runs its reactor, which opens
+        # descriptors of its own then (the SIGCHLD waker): an answer shows it
+        # runs, so that a descriptor baseline taken next is complete.
+        self.memberConnections()
         return proxy
 
     @property
@@ -357,7 +366,9 @@ class RestartTests(_ProxyFixture, SynchronousTestCase):
         connection in TIME_WAIT, which only SO_REUSEADDR allows binding
         over) and serves clients.
         """
-        port = _freePort()
+        reserved = [_reservedPort()]
+        self.addCleanup(_closeAll, reserved)
+        port = int(reserved[0].getsockname()[1])
         config = tlsConfig(self.pki.directory, [self.backend]).replace(
             'endpoint = "tcp:0:interface=127.0.0.1"', f'endpoint = "tcp:{port}:interface=127.0.0.1"'
         )
@@ -384,9 +395,12 @@ class RestartTests(_ProxyFixture, SynchronousTestCase):
         # there is one, a plain bind must fail, which is what makes the
         # restart below prove SO_REUSEADDR.
         if waitUntil(lambda: _timeWaitOn(port), 5):
+            # Without our reservation: the TIME_WAIT alone holds the port.
+            reserved.pop().close()
             with socket.socket() as plain:
                 error = self.assertRaises(OSError, plain.bind, ("127.0.0.1", port))
                 self.assertEqual(error.errno, errno.EADDRINUSE)
+            reserved.append(_reservedPort(port))
 
         os.makedirs(os.path.join(self.dir, "second"))
         second = ProxyProcess(os.path.join(self.dir, "second"), config)

@@ -399,10 +399,12 @@ pool = "v1"
 host = "*.example.com"
 pool = "api"
 """
+        # Bound but not listening, for the whole test: connections to it
+        # are refused, and no other process can take the port meanwhile.
         dead = socket.socket()
+        self.addCleanup(dead.close)
         dead.bind(("127.0.0.1", 0))
         deadPort = dead.getsockname()[1]
-        dead.close()
         config = (
             listener("web", "https", "web", self.pki.directory, 'client_identity_headers = "xfcc"\nresponse_timeout = 1.5', routes=routes)
             + listener("dead", "https", "dead", self.pki.directory)

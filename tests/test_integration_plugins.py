@@ -85,6 +85,12 @@ class HealthCheckIntegrationTests(SynchronousTestCase):
         deadPort = dead.port
         member = f"127.0.0.1:{deadPort}"
         dead.stop()
+        # Bound, not listening, until the member comes back: connections
+        # to it are refused, and no other process takes the port meanwhile.
+        reserved = socket.socket()
+        self.addCleanup(reserved.close)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reserved.bind(("127.0.0.1", deadPort))
         started = time.monotonic()
         unhealthy = self.proxy.waitForLog(
             rf"member {re.escape(member)} is now unhealthy", timeout=10
