@@ -126,6 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, json.dumps(document).encode())
 
     def do_GET(self) -> None:
+        with self.server.lock:
+            self.server.requests.append(self.path)
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         if url.path == "/download":
@@ -164,6 +166,7 @@ class HTTPBackend(ThreadingHTTPServer):
     L{_Handler} on 127.0.0.1, in a thread.
 
     @ivar connections: TCP connections accepted.
+    @ivar requests: The paths of the GET requests received, in order.
     """
 
     daemon_threads = True
@@ -173,6 +176,7 @@ class HTTPBackend(ThreadingHTTPServer):
         self.name = name
         self.lock = threading.Lock()
         self.connections = 0
+        self.requests: list[str] = []
         self.port = self.server_address[1]
         threading.Thread(target=self.serve_forever, daemon=True).start()
 

@@ -744,7 +744,7 @@ class HTTPSReloadIntegrationTests(_Proxy, SynchronousTestCase):
         d = self.makeDir()
         self.pki = DemoPKI(os.path.join(d, "pki"))
         self.pki.writeClient("client2", pki.issueClientCertificate(self.pki.inter, "client-two"), [self.pki.inter])
-        backend = HTTPBackend("web")
+        backend = self.backend = HTTPBackend("web")
         self.addCleanup(backend.stop)
         self.startProxy(
             "reload_poll_interval = 0.3\n"
@@ -795,7 +795,8 @@ class HTTPSReloadIntegrationTests(_Proxy, SynchronousTestCase):
 
         thread = threading.Thread(target=slow, daemon=True)
         thread.start()
-        time.sleep(0.5)
+        # The request is in flight once the backend has it.
+        self.assertTrue(waitFor(lambda: "/slow?seconds=4" in self.backend.requests, timeout=TIMEOUT))
         p = self.pki
         self.write(
             os.path.join(p.directory, "crls.pem"),
