@@ -700,7 +700,10 @@ def _mergePools(statuses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Each pool once, each member once: the first worker's entry, with the
     connection counts summed, C{healthy} and C{available} true only if
     they are in every worker, C{draining} and C{ejected} if they are in
-    any (each worker checks and ejects members on its own).
+    any.  Health is worker 0's in every worker (L{mtlsproxy.healthshare}),
+    reaching the others a moment later, which "in every worker" covers;
+    each worker ejects members on its own.  C{last_check} is the first
+    answering worker's: worker 0's, the one that checks, when it answers.
     """
     pools: dict[str, dict[str, Any]] = {}
     members: dict[str, dict[str, list[dict[str, Any]]]] = {}

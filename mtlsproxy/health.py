@@ -691,6 +691,13 @@ class HealthMonitor(Service):
     @ivar pool: The pool.
     @ivar checker: The pool's L{mtlsproxy.interfaces.IHealthChecker}.
     @ivar config: The pool's L{HealthCheckConfig}.
+    @ivar observers: Called with C{(member, reason)} after every
+        transition (C{member.healthy} already set), and once when the
+        monitor starts watching a member without changing its health
+        (C{reason} that of its last check, or C{"not checked yet"}), so
+        that an observer always knows every watched member's state.  With
+        several worker processes, the checking worker reports them to its
+        supervisor this way (L{mtlsproxy.healthshare}).  Must not raise.
     """
 
     log = Logger()
@@ -716,6 +723,7 @@ class HealthMonitor(Service):
         self.config = config
         self._random = random if random is not None else _random.Random()
         self._watches: dict[int, _Watch] = {}
+        self.observers: list[Callable[["Member", str], None]] = []
         self.setName(f"health:{pool.name}")
 
     # -- service -----------------------------------------------------------
@@ -757,8 +765,12 @@ class HealthMonitor(Service):
         self._watches[id(member)] = watch
         if member.lastCheck is None and self.config.initial_state == "unhealthy":
             watch.provisional = True
-            if member.healthy:
-                self._transition(watch, False, "not checked yet")
+        if watch.provisional and member.healthy:
+            self._transition(watch, False, "not checked yet")
+        else:
+            # Not a transition, but observers learn the state it starts from.
+            reason = "not checked yet" if member.lastCheck is None else member.lastCheck[0].reason
+            self._notify(member, reason)
         offset = self._random.uniform(0, self.config.interval)
         watch.timer = self._reactor.callLater(offset, self._check, watch)
 
@@ -899,4 +911,15 @@ class HealthMonitor(Service):
         )
         if healthy:
             member.endEjection("health check passed")
+        self._notify(member, reason)
 
+    def _notify(self, member: "Member", reason: str) -> None:
+        """
+        Tell every observer a member's state (see L{observers}); an
+        observer that raises is logged, and the others are still told.
+        """
+        for observer in list(self.observers):
+            try:
+                observer(member, reason)
+            except Exception:
+                self.log.failure("Health observer {observer} failed", observer=observer)

@@ -10,7 +10,7 @@ L{mtlsproxy.checks.LoadedConfiguration}.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -156,6 +156,9 @@ class ProxyService(MultiService):
         statusSocket: Optional[str] = None,
         workerCount: int = 1,
         drained: Sequence[tuple[str, str]] = (),
+        shareHealth: bool = False,
+        healthStates: Sequence[Any] = (),
+        connectSupervisor: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         """
         @param inherited: In a worker process (L{mtlsproxy.workers}): the
@@ -174,6 +177,16 @@ class ProxyService(MultiService):
             (pool, member as C{address:port}) drains an operator made
             through the supervisor's status endpoint and not enabled since:
             drained in L{startService}, before the listeners accept.
+        @param shareHealth: In a worker process, share active health checks
+            with the other workers over the channel to the supervisor
+            (L{mtlsproxy.healthshare}): worker 0 runs the checks and
+            reports its verdicts, the others run none and apply them.
+        @param healthStates: With C{shareHealth}, the verdicts the
+            supervisor remembers (L{mtlsproxy.healthshare.HealthVerdict}s),
+            applied in L{startService} before the listeners accept.
+        @param connectSupervisor: With C{shareHealth}, connects a protocol
+            to the supervisor (tests); the pipes of
+            L{mtlsproxy.healthshare.connectToSupervisor} by default.
         """
         MultiService.__init__(self)
         self._reactor = reactor
@@ -206,8 +219,25 @@ class ProxyService(MultiService):
             if p.tls is not None
         }
         self.healthMonitors: dict[str, Any] = {}
+        # With workers: one worker checks, the others follow (first child,
+        # so that its channel is up before the monitors report).
+        self.healthShare: Any = None
+        if shareHealth and workerIndex is not None:
+            from .healthshare import HealthShare
+
+            self.healthShare = HealthShare(
+                reactor,
+                workerIndex,
+                self.pools,
+                {p.name: p.health_check for p in config.pools if p.health_check is not None},
+                healthStates,
+                connectSupervisor,
+            )
+            self.healthShare.setServiceParent(self)
         for index, poolConfig in enumerate(config.pools):
-            if poolConfig.health_check is not None:
+            if poolConfig.health_check is not None and (
+                self.healthShare is None or self.healthShare.checking
+            ):
                 self._startHealthChecks(index, poolConfig)
         self.gates: dict[str, ConnectionGate] = {}
         # The TLS connection creator of each TLS listener, swapped by reloads.
@@ -255,6 +285,8 @@ class ProxyService(MultiService):
         monitor = HealthMonitor(
             self._reactor, self.pools[poolConfig.name], checker, poolConfig.health_check
         )
+        if self.healthShare is not None:
+            self.healthShare.observe(monitor)
         monitor.setServiceParent(self)
         self.healthMonitors[poolConfig.name] = monitor
 
@@ -339,6 +371,9 @@ class ProxyService(MultiService):
             self.log.warn("Configuration warning: {text}", text=warning)
         checkFileLimit(self.loaded.config.listeners, workers=self.workerCount)
         self._applyInheritedDrains()
+        if self.healthShare is not None:
+            # Before the listeners accept and the monitors start.
+            self.healthShare.applyInherited()
         MultiService.startService(self)
 
     def _applyInheritedDrains(self) -> None:

@@ -71,6 +71,20 @@ class Options(usage.Options):
             "(internal) With --worker: the pool members to drain before accepting clients,"
             ' JSON [["POOL", "ADDRESS:PORT"], ...] (the drains the supervisor remembers).',
         ],
+        [
+            "health-channel",
+            None,
+            None,
+            "(internal) With --worker: share active health checks with the other workers"
+            " through the supervisor: standard input from it, this file descriptor to it.",
+        ],
+        [
+            "health-states",
+            None,
+            None,
+            "(internal) With --worker and --health-channel: the members' health as the"
+            " supervisor remembers it, JSON, applied before accepting clients.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -96,6 +110,26 @@ class Options(usage.Options):
                 self["drained"] = decodeDrained(self["drained"])
             except ValueError as e:
                 raise usage.UsageError(str(e))
+        if self["health-channel"] is not None:
+            if self["worker"] is None:
+                raise usage.UsageError("--health-channel is only for a worker (--worker)")
+            try:
+                self["health-channel"] = int(self["health-channel"])
+                if self["health-channel"] < 3:
+                    raise ValueError(self["health-channel"])
+            except ValueError:
+                raise usage.UsageError(
+                    f"--health-channel must be a file descriptor above 2, not {self['health-channel']!r}"
+                )
+        if self["health-states"] is not None:
+            from .healthshare import decodeVerdicts
+
+            if self["health-channel"] is None:
+                raise usage.UsageError("--health-states is only for a worker with --health-channel")
+            try:
+                self["health-states"] = decodeVerdicts(self["health-states"])
+            except ValueError as e:
+                raise usage.UsageError(f"--health-states: {e}")
         if self["worker"] is not None:
             from .workers import decodeInherited
 
@@ -204,6 +238,21 @@ def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
     return supervisor
 
 
+def _supervisorChannel(reactor: Any, fd: Optional[int]) -> Any:
+    """
+    With C{--health-channel FD}, what connects a worker's health sharing to
+    its supervisor (L{mtlsproxy.healthshare.connectToSupervisor} on C{FD});
+    else L{None}.
+    """
+    if fd is None:
+        return None
+    from functools import partial
+
+    from .healthshare import connectToSupervisor
+
+    return partial(connectToSupervisor, reactor, fd=fd)
+
+
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     """
     Load and check the configuration and build the proxy service.
@@ -235,6 +284,9 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
                 statusSocket=options["status-socket"] if options["worker"] is not None else None,
                 workerCount=(options["workers"] or 1) if options["worker"] is not None else 1,
                 drained=(options["drained"] or ()) if options["worker"] is not None else (),
+                shareHealth=options["health-channel"] is not None,
+                healthStates=options["health-states"] or (),
+                connectSupervisor=_supervisorChannel(reactor, options["health-channel"]),
             )
             if options["worker"] is not None:
                 from .workers import ParentWatcher

@@ -30,9 +30,14 @@ With more, the twistd process becomes a supervisor (L{WorkerSupervisor}):
     (L{exitWithParent}), and, where that is missing, a check every second
     that its parent is still the supervisor.
 
-Every worker runs the whole proxy (pools, health checks, reloads, logs).
-With a C{[status]} table, the supervisor serves the configured status
-endpoint for all of them:
+Every worker runs the whole proxy (pools, reloads, logs), except active
+health checks: worker 0 alone runs them and the supervisor passes its
+verdicts on to the others (L{mtlsproxy.healthshare}), over a pipe from each
+worker (its file descriptor 3, C{--health-channel}) and the worker's
+standard input; a worker it
+starts gets the verdicts it remembers on its command line
+(C{--health-states}).  With a C{[status]} table, the supervisor serves the
+configured status endpoint for all of them:
 
   - it makes a private directory (mode 0700, removed when it stops) and
     gives each worker a socket path in it (C{--status-socket}), where the
@@ -72,6 +77,8 @@ from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from .healthshare import HealthRelay, channelDescriptor, encodeVerdict, encodeVerdicts
 
 __all__ = [
     "InheritedListener",
@@ -292,13 +299,15 @@ def workerArguments(
     statusSocket: Optional[str] = None,
     workers: Optional[int] = None,
     drained: Sequence[tuple[str, str]] = (),
+    healthStates: Sequence[Any] = (),
 ) -> list[str]:
     """
     The command line of worker C{index}: this Python running twistd in the
     foreground, with the supervisor's logging options, and the plugin's
-    options plus C{--worker}, C{--supervisor}, C{--inherit} and, with
-    C{[status]}, C{--status-socket}, and with member drains to apply,
-    C{--drained}.
+    options plus C{--worker}, C{--supervisor}, C{--inherit},
+    C{--health-channel} (its descriptor to the supervisor) and, with
+    C{[status]}, C{--status-socket}, with member drains to apply,
+    C{--drained}, and with health verdicts to apply, C{--health-states}.
 
     @param twistdOptions: twistd's own options (C{ServerOptions}), or
         L{None}.
@@ -310,6 +319,9 @@ def workerArguments(
     @param drained: (pool, member) of every member the worker drains before
         it accepts a client (L{WorkerSupervisor.drainedMembers}); none if
         empty.
+    @param healthStates: The health verdicts the supervisor remembers
+        (L{mtlsproxy.healthshare.HealthVerdict}), applied before the worker
+        accepts a client; none if empty.
     """
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     if twistdOptions is not None:
@@ -337,6 +349,8 @@ def workerArguments(
         str(supervisorPid),
         "--inherit",
         encodeInherited(inherited),
+        "--health-channel",
+        str(channelDescriptor(item.fd for item in inherited.values())),
     ]
     if statusSocket is not None:
         argv += ["--status-socket", statusSocket]
@@ -344,6 +358,10 @@ def workerArguments(
         argv += ["--workers", str(workers)]
     if drained:
         argv += ["--drained", encodeDrained(drained)]
+    if healthStates:
+        from .healthshare import encodeVerdicts
+
+        argv += ["--health-states", encodeVerdicts(healthStates)]
     return argv
 
 
@@ -379,13 +397,24 @@ class _NoAccept(Factory):
 
 class _WorkerProtocol(ProcessProtocol):
     """
-    Tells the supervisor when its worker ends.
+    Tells the supervisor when its worker ends, and what it says on its
+    health channel (its descriptor C{channelFD}).
     """
 
-    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+    def __init__(self, supervisor: WorkerSupervisor, index: int, channelFD: int) -> None:
         self.supervisor = supervisor
         self.index = index
+        self.channelFD = channelFD
         self.ended: Deferred[None] = Deferred()
+        self._lines = supervisor.healthRelay.splitterFor(index)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """
+        Message lines from the worker's health channel; nothing else is
+        read from it.
+        """
+        if childFD == self.channelFD:
+            self._lines.feed(data)
 
     def processEnded(self, reason: Failure) -> None:
         """
@@ -435,6 +464,10 @@ class WorkerSupervisor(MultiService):
         drain in force, read each time a worker is started and passed to
         it (C{drained}, see L{workerArguments}): set by the fan-in status
         endpoint (L{mtlsproxy.fanin.FanIn}), which remembers them.
+    @ivar healthRelay: The health verdicts of worker 0 (the checker), the
+        latest per pool member, forwarded to the other workers and passed
+        to every worker started (C{healthStates}, see L{workerArguments})
+        (L{mtlsproxy.healthshare.HealthRelay}).
     """
 
     log = Logger()
@@ -449,6 +482,11 @@ class WorkerSupervisor(MultiService):
     killGrace = 5.0
     """Seconds, after C{drainTimeout}, before workers still running at
     shutdown are killed."""
+
+    maxHealthArgument = 96 * 1024
+    """The longest C{--health-states} value, in bytes (Linux takes at most
+    128 KiB per argument): beyond it, a worker started gets the verdicts
+    over its channel instead, just after it starts."""
 
     def __init__(
         self,
@@ -504,6 +542,7 @@ class WorkerSupervisor(MultiService):
         self.startedAt: float = reactor.seconds()
         self.startObservers: list[Callable[[int], None]] = []
         self.drainedMembers: Optional[Callable[[], Sequence[tuple[str, str]]]] = None
+        self.healthRelay = HealthRelay(self._sendToWorker, lambda: sorted(self._processes))
 
     @property
     def stopping(self) -> bool:
@@ -583,11 +622,28 @@ class WorkerSupervisor(MultiService):
         drained = list(self.drainedMembers()) if self.drainedMembers is not None else []
         if drained:
             extra["drained"] = drained
+        verdicts = self.healthRelay.current()
+        replay = []
+        if verdicts and len(encodeVerdicts(verdicts)) <= self.maxHealthArgument:
+            extra["healthStates"] = verdicts
+        elif verdicts:
+            replay = verdicts
+            self.log.warn(
+                "Worker {index}: {count} health verdicts are too many for its command line;"
+                " sent over its channel once it runs",
+                index=index,
+                count=len(verdicts),
+            )
         argv = self._arguments(index, self.inherited, os.getpid(), self.statusSocket(index), **extra)
+        # 0: the supervisor's messages (health verdicts) to the worker;
+        # the listening sockets; 3 (or the first free one above them, as
+        # workerArguments says too): the worker's messages to the supervisor.
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         for item in self.inherited.values():
             childFDs[item.fd] = item.fd
-        protocol = _WorkerProtocol(self, index)
+        channelFD = channelDescriptor(item.fd for item in self.inherited.values())
+        childFDs[channelFD] = "r"
+        protocol = _WorkerProtocol(self, index, channelFD)
         process = self._reactor.spawnProcess(
             protocol,
             argv[0],
@@ -596,6 +652,8 @@ class WorkerSupervisor(MultiService):
             childFDs=childFDs,
         )
         self._processes[index] = process
+        for verdict in replay:
+            self._sendToWorker(index, encodeVerdict(verdict))
         self._protocols[index] = protocol
         state.pid = process.pid
         state.starts += 1
@@ -644,6 +702,20 @@ class WorkerSupervisor(MultiService):
                 pass
             except OSError as e:
                 self.log.warn("Cannot remove {path}: {error}", path=path, error=e)
+
+    def _sendToWorker(self, index: int, data: bytes) -> None:
+        """
+        Write a message line to worker C{index}'s standard input, if it
+        runs (it reads it as soon as its reactor does: the pipe, then the
+        process transport, hold it until then).
+        """
+        process = self._processes.get(index)
+        if process is None:
+            return
+        try:
+            process.writeToChild(0, data)
+        except Exception as e:  # ProcessExitedAlready, a closed pipe
+            self.log.debug("Worker {index}: cannot write to it: {error}", index=index, error=e)
 
     def _onHUP(self, signum: int, frame: Any) -> None:
         self._reactor.callFromThread(self.signalWorkers, signal.SIGHUP)

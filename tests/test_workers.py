@@ -125,7 +125,8 @@ class InheritTests(SynchronousTestCase):
         When a worker's command line is made, it runs twistd in the
         foreground without a pid file, logs to its own file beside the
         supervisor's (C{LOGFILE.worker-N}: twistd's LogFile cannot be shared), and
-        names its index, its supervisor and its sockets.
+        names its index, its supervisor, its sockets and its health
+        channel to the supervisor.
         """
         twistd = {"logfile": "/var/log/p.log", "logger": object(), "syslog": False}
         plugin = {"config": "/etc/p.toml", "log-format": "json"}
@@ -138,7 +139,7 @@ class InheritTests(SynchronousTestCase):
         self.assertEqual(
             tail,
             ["mtlsproxy", "--config", "/etc/p.toml", "--log-format", "json", "--worker", "1",
-             "--supervisor", "42", "--inherit", '{"l": [5, "INET"]}'],
+             "--supervisor", "42", "--inherit", '{"l": [5, "INET"]}', "--health-channel", "3"],
         )
 
 
@@ -499,9 +500,13 @@ class _FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.signals: list[int] = []
+        self.written: list[tuple[int, bytes]] = []
 
     def signalProcess(self, sig: int) -> None:
         self.signals.append(sig)
+
+    def writeToChild(self, childFD: int, data: bytes) -> None:
+        self.written.append((childFD, data))
 
 
 class _Reactor(MemoryReactorClock):
