@@ -197,6 +197,17 @@ def _innerReason(reasons: Any, fallback: str) -> str:
     return fallback
 
 
+def _quietFactory(protocol: Any) -> Factory:
+    """
+    A factory of C{protocol} that does not log "Starting factory" and
+    "Stopping factory" (Twisted's default, at info): two lines per check,
+    every C{interval}, for every member.
+    """
+    factory = Factory.forProtocol(protocol)
+    factory.noisy = False
+    return factory
+
+
 def _notCancelled(failure: Failure) -> CheckResult:
     """
     Turn a failed check into an unhealthy result, but let cancellation
@@ -497,7 +508,7 @@ class TCPChecker:
         @see: L{IHealthChecker.check}
         """
         endpoint = _tcpEndpoint(self._reactor, member, self._connectTimeout)
-        connecting = endpoint.connect(Factory.forProtocol(_CloseAtOnce))
+        connecting = endpoint.connect(_quietFactory(_CloseAtOnce))
         connecting.addCallback(lambda probe: probe.closed)
         connecting.addCallback(lambda _: CheckResult(True, "connected"))
         return connecting.addErrback(_notCancelled)
@@ -618,7 +629,7 @@ class TLSChecker:
         """
         endpoint, accepted = _tlsEndpoint(self._reactor, self._tls, member, self._connectTimeout)
         probe = _AcceptedProbe if accepted else _HandshakeProbe
-        connecting = endpoint.connect(Factory.forProtocol(probe))
+        connecting = endpoint.connect(_quietFactory(probe))
         connecting.addCallback(lambda probe: probe.done)
         suffix = "" if self._verified else ", certificate not verified"
         connecting.addCallback(
@@ -730,6 +741,23 @@ class _BoundedBody(Protocol):
             self.done.errback(reason)
 
 
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """
+    Connects through another endpoint with the given factory's C{noisy}
+    turned off: the L{Agent}'s connection factory otherwise logs
+    "Starting factory" and "Stopping factory" at every check.
+    """
+
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> "Deferred[IProtocol]":
+        protocolFactory.noisy = False  # type: ignore[attr-defined]
+        connecting: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return connecting
+
+
 @implementer(IAgentEndpointFactory)
 class _OneEndpoint:
     """
@@ -738,7 +766,7 @@ class _OneEndpoint:
     """
 
     def __init__(self, endpoint: Any) -> None:
-        self._endpoint = endpoint
+        self._endpoint = _QuietEndpoint(endpoint)
 
     def endpointForURI(self, uri: Any) -> Any:
         return self._endpoint

@@ -417,6 +417,39 @@ class InterfaceTests(SynchronousTestCase):
         self.assertTrue(reason.startswith("the proxy is out of resources (EMFILE)"), reason)
 
 
+class QuietChecksTests(_ServerTestCase):
+    """
+    A check logs nothing of Twisted's own per connection: no "Starting
+    factory" / "Stopping factory" lines every interval for every member.
+    """
+
+    def factoryEvents(self, observer: Any) -> list[Any]:
+        return [e for e in observer if "factory" in (e.get("log_format") or "").lower()
+                and e.get("log_namespace", "").startswith("twisted.")]
+
+    @inlineCallbacks
+    def test_quiet(self) -> Generator[Any, Any, None]:
+        """
+        When a tcp, a tls and an http (over TLS) check run, none logs a
+        factory starting or stopping.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        material = _PKI.get()
+        _, port = self.listen(Factory.forProtocol(_Silent))
+        _, tlsPort = self.listen(Factory.forProtocol(_Silent), material.server)
+        _, _, httpsPort = self.httpServer(200, b"ok", material.server)
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        results = [
+            (yield TCPChecker(reactor).check(_member(port))),
+            (yield TLSChecker(reactor, _BackendTLS(material.root)).check(_member(tlsPort))),
+            (yield HTTPChecker.fromOptions(reactor, {}, _BackendTLS(material.root)).check(_member(httpsPort))),
+        ]
+        self.assertEqual([r.healthy for r in results], [True, True, True], results)
+        self.assertEqual(self.factoryEvents(observer), [])
+
+
 class TCPCheckerTests(_ServerTestCase):
     """
     Tests for the C{tcp} checker.
