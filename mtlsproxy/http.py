@@ -1270,11 +1270,13 @@ class HTTPProxyProtocol(Protocol):
         if self.phase is ClientPhase.HANDSHAKING:
             from .verify import rejectionReason
 
+            # No byte at all: a TCP port probe, not a failed handshake.
+            noData = not getattr(self.transport, "receivedAny", True)
             self.factory.metrics.handshakeFailed(
-                rejectionReason(self.transport) or "aborted",
+                rejectionReason(self.transport) or ("no_data" if noData else "aborted"),
                 self.factory.reactor.seconds() - self._started,
             )
-            self._closeReason = self._closeReason or "handshake_failed"
+            self._closeReason = self._closeReason or ("no_data" if noData else "handshake_failed")
         if not reason.check(ConnectionDone):
             self.log.debug(
                 "Listener {listener}: client {peer} lost: {reason}",

@@ -78,8 +78,9 @@ class ListenerMetrics:
         connection was accepted.
 
         @param reason: The rejection reason from L{mtlsproxy.verify}
-            (C{unknown_ca}, C{revoked}, ...), or C{"aborted"} when the
-            client went away without a TLS error.
+            (C{unknown_ca}, C{revoked}, ...), C{"no_data"} when the client
+            closed without sending a byte (a TCP port probe), or
+            C{"aborted"} when it went away later without a TLS error.
         """
 
     def fromClient(self, count: int) -> None:

@@ -124,6 +124,12 @@ class CloseReason:
     HANDSHAKE_FAILED = "handshake_failed"
     """The connection ended before its TLS handshake completed."""
 
+    NO_DATA = "no_data"
+    """The client closed its TLS connection without sending a byte: a TCP
+    port probe (a load balancer's or a monitor's health check), so no
+    handshake was attempted.  Counted apart from failed handshakes
+    (C{mtlsproxy_handshakes_total} reason C{no_data}, not C{aborted})."""
+
     ERROR = "error"
     """The proxy gave up on the connection (e.g. too much data before the
     backend was connected)."""
@@ -589,12 +595,13 @@ class ProxyServerProtocol(Protocol):
         self._clientGone = True
         self._releaseSlot()
         if self.phase is Phase.HANDSHAKING:
-            self._noteClose(CloseReason.HANDSHAKE_FAILED)
+            noData = not getattr(self.transport, "receivedAny", True)
+            self._noteClose(CloseReason.NO_DATA if noData else CloseReason.HANDSHAKE_FAILED)
             self._tlsFacts = _tlsFactsOf(self.transport)
             timedOut = self._closeReason == CloseReason.HANDSHAKE_TIMEOUT
             self.factory.metrics.handshakeFailed(
                 rejectionReason(self.transport)
-                or (CloseReason.HANDSHAKE_TIMEOUT if timedOut else "aborted"),
+                or (CloseReason.HANDSHAKE_TIMEOUT if timedOut else "no_data" if noData else "aborted"),
                 self.factory.reactor.seconds() - self._started,
             )
         else:

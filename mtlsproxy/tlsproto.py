@@ -359,6 +359,10 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         handshake was still going or cleartext was buffered; close_notify is
         sent once that has been dealt with.
     @ivar _handshakeFailureReported: L{handshakeFailed} has been called.
+    @ivar receivedAny: Has the peer sent a byte yet?  A connection that ends
+        without one was a TCP port probe (a load balancer's or a monitor's
+        health check), not a failed handshake (L{mtlsproxy.relay}'s
+        C{no_data}).
     """
 
     factory: HalfCloseTLSFactory
@@ -370,6 +374,7 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
     _writeClosed = False
     _closeNotifyPending = False
     _handshakeFailureReported = False
+    receivedAny = False
 
     def makeConnection(self, transport: Any) -> None:
         """
@@ -399,6 +404,8 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         if self._peerClosedWrite:
             return
         handshaking = not self._handshakeDone
+        if handshaking:
+            self.receivedAny = True
         super().dataReceived(data)
         if handshaking and self._handshakeDone:
             self._releaseBuffers()

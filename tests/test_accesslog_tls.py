@@ -117,10 +117,12 @@ class HandshakeFailureAccessLogTests(TestCase):
         self.port = listening.getHost().port
 
     @inlineCallbacks
-    def accessEvent(self, client: Callable[[], object]) -> Generator[Any, Any, dict[str, Any]]:
+    def accessEvent(
+        self, client: Callable[[], object], reason: str = CloseReason.HANDSHAKE_FAILED
+    ) -> Generator[Any, Any, dict[str, Any]]:
         """
         Run C{client} in a thread and return the one access event its
-        connection produced.
+        connection produced, checking its C{close_reason} is C{reason}.
         """
         outcome = yield deferToThread(client)
         if isinstance(outcome, str):
@@ -132,7 +134,7 @@ class HandshakeFailureAccessLogTests(TestCase):
             yield deferLater(reactor, 0.01, lambda: None)
         [event] = events
         self.assertEqual(event["log_format"], ACCESS_LOG_FORMAT)
-        self.assertEqual(event["close_reason"], CloseReason.HANDSHAKE_FAILED)
+        self.assertEqual(event["close_reason"], reason)
         return event
 
     def assertNoVersion(self, event: dict[str, Any]) -> None:
@@ -162,10 +164,24 @@ class HandshakeFailureAccessLogTests(TestCase):
     @inlineCallbacks
     def test_closedBeforeHello(self) -> Generator[Any, Any, None]:
         """
-        When a client connects and closes without a ClientHello, the access
-        event has no TLS version.
+        When a client connects and closes without sending a byte (a TCP port
+        probe), the access event says C{no_data}, not a failed handshake,
+        and has no TLS version.
         """
-        event = yield self.accessEvent(lambda: _sendRaw(self.port, b""))
+        event = yield self.accessEvent(lambda: _sendRaw(self.port, b""), CloseReason.NO_DATA)
+        self.assertNoVersion(event)
+
+    @inlineCallbacks
+    def test_oneByteThenClosed(self) -> Generator[Any, Any, None]:
+        """
+        When a client sends part of a ClientHello and closes, that is a
+        failed handshake, not C{no_data}.
+        """
+        def partialHello() -> None:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(b"\x16\x03\x01")
+
+        event = yield self.accessEvent(partialHello)
         self.assertNoVersion(event)
 
     @inlineCallbacks

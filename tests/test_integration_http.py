@@ -645,6 +645,48 @@ pool = "api"
         self.assertEqual(self.web.connections, 0)
 
 
+
+class PortProbeTests(_Base, SynchronousTestCase):
+    """
+    TCP port probes (connect, close, no byte) on an C{https} listener.
+    """
+
+    def setUp(self) -> None:
+        from .test_integration_ops import OPS, statusPort
+
+        self.setUpPKI()
+        self.backend = HTTPBackend("app")
+        self.addCleanup(self.backend.stop)
+        self.startProxy(OPS + listener("web", "https", "app", self.pki.directory)
+                        + pool("app", [self.backend.port]), 1)
+        self.status = statusPort(self.proxy)
+
+    def test_probeIsNoData(self) -> None:
+        """
+        A connection closed without a byte is counted as C{no_data}, not as
+        an C{aborted} handshake, and reaches no backend.
+        """
+        from .test_integration_ops import http as get
+        from .test_integration_ops import metric
+
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", self.proxy.ports["web"]), timeout=5).close()
+
+        def counted() -> Optional[str]:
+            text = get(self.status, "/metrics")[1].decode()
+            return text if metric(text, "mtlsproxy_connections_closed_total", listener="web",
+                                  reason="no_data") >= 3 else None
+
+        text = waitFor(counted)
+        self.assertIsNotNone(text)
+        assert text is not None
+        self.assertEqual(metric(text, "mtlsproxy_handshakes_total", listener="web", outcome="failure",
+                                reason="no_data"), 3)
+        self.assertEqual(metric(text, "mtlsproxy_handshakes_total", listener="web", outcome="failure",
+                                reason="aborted"), 0)
+        self.assertEqual(self.backend.connections, 0)
+
+
 class IdentityHeaderTests(_Base, SynchronousTestCase):
     """
     The identity header formats, and passthrough.

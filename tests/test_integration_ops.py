@@ -94,6 +94,29 @@ class StatusEndpointTests(SynchronousTestCase):
         self.assertEqual(code, 200)
         return body.decode()
 
+    def test_portProbeCountedApart(self) -> None:
+        """
+        When something connects and closes without sending a byte (a load
+        balancer's TCP probe), /metrics counts it as reason C{no_data}, not
+        as an C{aborted} handshake, and its access line says C{no_data}.
+        """
+        import socket
+
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+        text = waitFor(
+            lambda: (lambda t: t if metric(t, "mtlsproxy_connections_closed_total", listener="mtls",
+                                           reason="no_data") >= 3 else None)(self.metrics())
+        )
+        self.assertIsNotNone(text, self.metrics())
+        self.assertEqual(
+            metric(text, "mtlsproxy_handshakes_total", listener="mtls", outcome="failure", reason="no_data"), 3
+        )
+        self.assertEqual(
+            metric(text, "mtlsproxy_handshakes_total", listener="mtls", outcome="failure", reason="aborted"), 0
+        )
+        self.assertIsNotNone(self.proxy.waitForLog(r"mtlsproxy\.access.* -> None no_data "))
+
     def test_metricsCountRealConnections(self) -> None:
         """
         When a valid client is relayed and a revoked one rejected, /metrics
