@@ -24,6 +24,15 @@ that disagree about a member for a while.  Instead:
 Passive ejection is not shared: it reacts to each worker's own client
 connections, so each worker ejects on its own.
 
+Reloads: each worker reloads itself (L{mtlsproxy.reload}).  When one
+changes a pool's C{[pools.health_check]}, worker 0 replaces the pool's
+monitor and observes the new one; a follower starts none and updates what
+it keeps per pool (L{HealthShare.checksChanged}): the settings used for
+C{initial_state}, and whether it follows the pool at all.  A follower
+applies verdicts only for pools with checks in its own configuration, so
+that a worker 0 that has not reloaded yet cannot take out a member of a
+pool whose checks this follower's reload removed.
+
 The channel is a pair of pipes per worker, one message per line (JSON,
 L{encodeVerdict}): the supervisor writes to the worker's standard input
 (file descriptor 0), the worker to its file descriptor 3
@@ -536,6 +545,58 @@ class HealthShare(Service):
         if transport is not None:
             transport.loseConnection()
 
+    # -- reloads -----------------------------------------------------------
+
+    def checksChanged(self, poolName: str, config: Any) -> None:
+        """
+        A reload changed, added (C{config} a L{HealthCheckConfig<mtlsproxy.
+        health.HealthCheckConfig>}) or removed (C{config} L{None}) the
+        active health checks of pool C{poolName}; the pool exists already.
+        The checker's monitors are the reload's business
+        (L{mtlsproxy.reload}); here only what is kept per pool changes:
+
+          - the configuration used for C{initial_state} (L{applyInherited},
+            members added later);
+          - in a follower, which pools it follows: a pool that gains checks
+            is followed from now on, each member getting the verdict heard
+            for it or, if none, its initial state (as worker 0's new monitor
+            gives it); a pool whose checks were removed is no longer
+            followed, and the verdicts heard for it are forgotten (the
+            reload makes its members healthy, and a late verdict from a
+            worker 0 still checking it is not applied).
+        """
+        added = config is not None and poolName not in self.healthChecks
+        if config is None:
+            self.healthChecks.pop(poolName, None)
+            for key in [k for k in self.heard if k[0] == poolName]:
+                del self.heard[key]
+        else:
+            self.healthChecks[poolName] = config
+        if self.checking or not self.running:
+            # (A follower not started yet follows healthChecks when it is.)
+            return
+        pool = self.pools.get(poolName)
+        for watched, watcher in [w for w in self._watchers if w[1].pool.name == poolName]:
+            watched.removeWatcher(watcher)
+            self._watchers.remove((watched, watcher))
+        if config is None or pool is None:
+            return
+        watcher = _FollowedPool(self, pool, config)
+        pool.addWatcher(watcher)
+        self._watchers.append((pool, watcher))
+        if added:
+            for member in pool.members:
+                self._startFollowing(pool, config, member)
+
+    def wasHealed(self, poolName: str, member: Any, reason: str) -> None:
+        """
+        In the checker: a reload that removed a pool's checks made
+        C{member} healthy; tell the supervisor, so that the verdict it
+        remembers (and passes on) is no longer an old "unhealthy".
+        """
+        if self.checking:
+            self.report(poolName, member, reason)
+
     # -- the checker -------------------------------------------------------
 
     def observe(self, monitor: Any) -> None:
@@ -566,9 +627,11 @@ class HealthShare(Service):
     def received(self, verdict: HealthVerdict) -> None:
         """
         A verdict from the supervisor.  A follower remembers it and applies
-        it to its member; a pool or member it lacks is ignored quietly
-        (members may differ for a moment during a reload).  The checker
-        decides for itself and ignores it.
+        it to its member; a pool or member it lacks, or a pool without
+        health checks in its configuration, is ignored quietly (workers
+        reload a moment apart; the verdict is applied if this worker's own
+        reload adds the member or the checks).  The checker decides for
+        itself and ignores it.
         """
         if self.checking:
             self.log.debug(
@@ -578,6 +641,19 @@ class HealthShare(Service):
             )
             return
         self.heard[(verdict.pool, verdict.member)] = verdict
+        if verdict.pool not in self.healthChecks:
+            # Workers reload a moment apart: worker 0 may still check a
+            # pool this worker's reload took the checks from (or check one
+            # already that this worker's reload will give checks); the
+            # verdict is kept for the latter.
+            self.log.debug(
+                "Health verdict on pool {pool} member {member} from worker {checker}:"
+                " the pool has no health checks in this worker's configuration (now); kept",
+                pool=verdict.pool,
+                member=verdict.member,
+                checker=CHECKER,
+            )
+            return
         pool = self.pools.get(verdict.pool)
         member = None if pool is None else next((m for m in pool.members if m.hostPort == verdict.member), None)
         if member is None:

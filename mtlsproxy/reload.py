@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_reload,tests.test_integration_reload -*-
 """
-Hot reload: new certificates, keys, CAs, CRLs and pool members without
-dropping a connection.
+Hot reload: new certificates, keys, CAs, CRLs, pool members and health
+checks without dropping a connection.
 
 A L{Reloader} belongs to the running L{mtlsproxy.service.ProxyService}.
 It reloads on C{SIGHUP}, when the admin console's C{reload()} calls
@@ -19,14 +19,18 @@ A reload is all or nothing up to the point of applying it:
   2. new TLS contexts are built for every TLS listener, and a new
      L{mtlsproxy.backendtls.BackendTLS} for every pool whose C{[pools.tls]}
      material or settings changed (contexts freeze once used, so they are
-     never changed, only replaced);
+     never changed, only replaced), and a new health checker for every
+     pool whose C{[pools.health_check]} changed or that is new with one;
   3. only if all of that worked: each listener's
      L{mtlsproxy.tlscontext.SwappableContextFactory} gets its new factory
      (new handshakes use the new material; established connections keep
      theirs), each such pool's L{mtlsproxy.backendtls.SwappableBackendTLS}
      its new L{BackendTLS<mtlsproxy.backendtls.BackendTLS>} (new backend
      connections and health checks use it; established ones keep theirs),
-     pools get their new members and weights in place, relay settings are
+     pools get their new members and weights in place, a pool whose health
+     checks changed gets a new L{mtlsproxy.health.HealthMonitor} in place
+     of its old one (members keep their health; a pool whose checks were
+     removed has every member made healthy), relay settings are
      updated, and established connections whose client certificate chain a
      new CRL revokes are closed (the listener's
      C{close_revoked_connections}), as are those relayed over TLS to a
@@ -48,6 +52,7 @@ console, ...) are logged as needing a restart; everything else is applied.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -82,6 +87,7 @@ from .trust import (
 
 __all__ = [
     "ABORT_REVOKED_AFTER",
+    "HEALTH_CHECKS_REMOVED_FORMAT",
     "RELOAD_FAILED_FORMAT",
     "RELOADED_FORMAT",
     "RESTART_NEEDED_FORMAT",
@@ -114,6 +120,17 @@ The C{log_format} (level C{error}) of a reload that was not applied.
 Fields: C{path}, C{trigger}, C{error} (one line naming the configuration
 file, the key path and the file at fault), C{file} and C{key} (those parts
 of a L{ConfigurationError}, or L{None}).
+"""
+
+HEALTH_CHECKS_REMOVED_FORMAT = (
+    "Pool {pool}: health checks removed by a reload; {count} member(s) made healthy"
+)
+"""
+The C{log_format} (level C{info}) when a reload takes a pool's
+C{[pools.health_check]} away: with no active checks nothing could ever mark
+a member healthy again, so every member is healthy from now on (passive
+ejection still applies).  Fields: C{pool}, C{count} (the members that were
+unhealthy), C{members} (those, as C{address:port}).
 """
 
 RESTART_NEEDED_FORMAT = "Reload of {path}: {change}; this needs a restart"
@@ -177,13 +194,15 @@ _APPLIED_POOL_FIELDS = frozenset(
         "eject_backoff",
         "eject_backoff_max",
         "tls",
+        "health_check",
     }
 )
 """
 The pool settings a reload applies (C{tls} through a new
 L{BackendTLS<mtlsproxy.backendtls.BackendTLS>}, unless the pool gains or
-loses the table); any other one that changes (health checks, ...) needs a
-restart.
+loses the table; C{health_check} through a new
+L{HealthMonitor<mtlsproxy.health.HealthMonitor>}); any other one that
+changes needs a restart.
 """
 
 _SWEEP_ONLY_TLS_FIELDS = frozenset({"close_revoked_connections"})
@@ -299,8 +318,9 @@ class Reloader(Service):
     @ivar configPath: The configuration file.
     @ivar proxy: The running L{mtlsproxy.service.ProxyService}: its
         C{loaded}, C{listeners}, C{pools}, C{contextFactories},
-        C{backendTLS} and C{connections} are what a reload reads and
-        updates.
+        C{backendTLS}, C{healthMonitors} (through C{newHealthChecker},
+        C{startHealthMonitor} and C{stopHealthMonitor}), C{healthShare}
+        and C{connections} are what a reload reads and updates.
     @ivar inForce: The TLS material each listener serves now, by name.
     @ivar backendsInForce: The C{[pools.tls]} material each pool's
         backend connections use now, by pool name.
@@ -513,7 +533,56 @@ class Reloader(Service):
                     where,
                 )
             backends[poolConfig.name] = (built, changed)
-        return self._apply(trigger, loaded, factories, backends)
+        try:
+            health, holders = self._prepareHealthChecks(config, backends)
+        except ConfigurationError as e:
+            return self._fail(trigger, str(e), e.path, e.key)
+        return self._apply(trigger, loaded, factories, backends, health, holders)
+
+    def _prepareHealthChecks(
+        self, config: Any, backends: dict[str, tuple[BackendTLS, list[str]]]
+    ) -> tuple[list[_HealthChange], dict[str, SwappableBackendTLS]]:
+        """
+        Find the pools whose C{[pools.health_check]} a reload changes (the
+        parsed settings compared with those running; a new pool with the
+        table too) and build their new checkers, before anything is
+        applied.  Every process builds them, a worker that follows worker
+        0's verdicts too (and throws them away), so that all workers accept
+        or refuse the same reload.
+
+        @return: The changes, and the backend TLS holders made for new pools
+            with C{[pools.tls]} (their checkers connect through them; the
+            reload installs them).
+
+        @raise ConfigurationError: Naming the file, the key path
+            (C{pools[1].health_check.path}), the pool and the problem, if a
+            checker plugin is missing or refuses its options.
+        """
+        running = {p.name: p for p in self.proxy.loaded.config.pools}
+        holders: dict[str, Any] = getattr(self.proxy, "backendTLS", {})
+        made: dict[str, SwappableBackendTLS] = {}
+        plan: list[_HealthChange] = []
+        for index, poolConfig in enumerate(config.pools):
+            name = poolConfig.name
+            wanted = getattr(poolConfig, "health_check", None)
+            newPool = name not in self.proxy.pools
+            before = running.get(name)
+            was = None if newPool or before is None else getattr(before, "health_check", None)
+            if was == wanted:
+                continue
+            checker = None
+            if wanted is not None:
+                tls = holders.get(name)
+                if tls is None and newPool and name in backends:
+                    tls = made[name] = SwappableBackendTLS(backends[name][0])
+                try:
+                    checker = self.proxy.newHealthChecker(index, poolConfig, tls)
+                except ConfigurationError as e:
+                    raise ConfigurationError(
+                        f"pool {name!r}: {e.problem}", config.path, e.key or f"pools[{index}].health_check"
+                    ) from None
+            plan.append(_HealthChange(name, was, wanted, checker, newPool))
+        return plan, made
 
     def _backendTLSChanges(self, poolConfig: Any, loaded: Any) -> list[str]:
         """
@@ -549,10 +618,12 @@ class Reloader(Service):
         loaded: Any,
         factories: dict[str, Any],
         backends: Optional[dict[str, tuple[BackendTLS, list[str]]]] = None,
+        health: Iterable[_HealthChange] = (),
+        holders: Optional[dict[str, SwappableBackendTLS]] = None,
     ) -> ReloadResult:
         """
-        Put a checked configuration, its new listener contexts and its new
-        backend TLS settings in service.
+        Put a checked configuration, its new listener contexts, its new
+        backend TLS settings and its new health checkers in service.
         """
         changes: list[str] = []
         restart: list[str] = []
@@ -564,8 +635,9 @@ class Reloader(Service):
             self.log.warn("Configuration warning: {text}", text=warning)
         _compareFields(old, new, _APPLIED_TOP_FIELDS, "", restart)
         backendsBefore = dict(self.backendsInForce)
-        self._applyBackendTLS(new, loaded, backends or {}, changes, restart)
+        self._applyBackendTLS(new, loaded, backends or {}, changes, restart, holders or {})
         self._applyPools(old, new, changes, restart)
+        self._applyHealthChecks(health, changes)
         revoked, untrusted = self._applyListeners(new, loaded, factories, changes, restart)
         poolsRevoked, poolsUntrusted = self._sweepPools(new, backendsBefore)
         revoked += poolsRevoked
@@ -618,14 +690,16 @@ class Reloader(Service):
         backends: dict[str, tuple[BackendTLS, list[str]]],
         changes: list[str],
         restart: list[str],
+        made: Optional[dict[str, SwappableBackendTLS]] = None,
     ) -> None:
         """
         Put each pool's new backend TLS settings in service: the pool's
         L{SwappableBackendTLS} (what the relay, the routers and the health
         checkers hold) gets them in one assignment, so new connections and
         checks use them and established connections keep theirs.  A new
-        pool gets one.  A running pool that gains or loses C{[pools.tls]}
-        needs a restart.
+        pool gets one (from C{made}, the holders its new health checker was
+        built with, if there).  A running pool that gains or loses
+        C{[pools.tls]} needs a restart.
         """
         holders: dict[str, Any] = getattr(self.proxy, "backendTLS", {})
         wanted = {p.name for p in new.pools}
@@ -635,7 +709,10 @@ class Reloader(Service):
             if name in backends:
                 tls, changed = backends[name]
                 if holder is None:
-                    holders[name] = SwappableBackendTLS(tls)
+                    holder = (made or {}).get(name)
+                    if holder is None or holder.current is not tls:
+                        holder = SwappableBackendTLS(tls)
+                    holders[name] = holder
                     changes.append(f"pool {name!r}: backend TLS")
                 else:
                     holder.current = tls
@@ -668,8 +745,6 @@ class Reloader(Service):
                     clock=self.reactor,
                 )
                 changes.append(f"new pool {poolConfig.name!r}")
-                if getattr(poolConfig, "health_check", None) is not None:
-                    restart.append(f"health checks of the new pool {poolConfig.name!r}")
                 continue
             before = oldPools.get(poolConfig.name)
             if before is not None:
@@ -681,6 +756,49 @@ class Reloader(Service):
                 pool.selector = selectorFactory(poolConfig.selector).newSelector()
                 changes.append(f"pool {poolConfig.name!r}: selector {poolConfig.selector!r}")
             _updatePoolSettings(pool, poolConfig)
+
+    def _applyHealthChecks(self, health: Iterable[_HealthChange], changes: list[str]) -> None:
+        """
+        Replace the health checks of each pool in C{health} (after
+        L{_applyPools}: new pools exist).  The old
+        L{HealthMonitor<mtlsproxy.health.HealthMonitor>} stops (its timers
+        and checks in flight cancelled) and, where this process checks, a
+        new one starts with the new settings and the checker built
+        beforehand; members keep their health and last check, and the new
+        monitor continues from there.  A worker that follows worker 0
+        starts none; its L{HealthShare<mtlsproxy.healthshare.HealthShare>}
+        learns the pool's new settings.  A pool whose checks were removed
+        has every member made healthy (nothing would ever check them
+        again), logged once (L{HEALTH_CHECKS_REMOVED_FORMAT}).
+        """
+        proxy = self.proxy
+        share = getattr(proxy, "healthShare", None)
+        checking = bool(getattr(proxy, "checksHealth", True))
+        for change in health:
+            pool = proxy.pools[change.pool]
+            proxy.stopHealthMonitor(change.pool)
+            if share is not None:
+                share.checksChanged(change.pool, change.now)
+            if change.now is None:
+                healed = [member for member in pool.members if not member.healthy]
+                for member in healed:
+                    member.healthy = True
+                    if share is not None:
+                        share.wasHealed(change.pool, member, "health checks removed")
+                self.log.info(
+                    HEALTH_CHECKS_REMOVED_FORMAT,
+                    pool=change.pool,
+                    count=len(healed),
+                    members=[member.hostPort for member in healed],
+                )
+                changes.append(
+                    f"pool {change.pool!r}: health checks removed"
+                    f" ({len(healed)} member(s) made healthy)"
+                )
+                continue
+            if checking:
+                proxy.startHealthMonitor(change.pool, change.checker, change.now)
+            changes.append(f"pool {change.pool!r}: {change.describe()}")
 
     def _applyListeners(
         self,
@@ -975,6 +1093,67 @@ class Reloader(Service):
         if status is not None and "status" not in materials:
             materials["status"] = status
         return materials
+
+
+_UNSET = object()
+
+
+def _showSetting(value: object) -> str:
+    """
+    A C{[pools.health_check]} value as it reads in TOML (C{5.0},
+    C{"/healthz"}, C{true}), or C{(unset)}.
+    """
+    if value is _UNSET:
+        return "(unset)"
+    try:
+        return json.dumps(value, default=dict)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+@attrs.frozen
+class _HealthChange:
+    """
+    A change a reload makes to one pool's active health checks.
+
+    @ivar pool: The pool's name.
+    @ivar was: The running L{HealthCheckConfig<mtlsproxy.health.
+        HealthCheckConfig>}, or L{None} (none, or a new pool).
+    @ivar now: The new one, or L{None} (checks removed).
+    @ivar checker: The checker built for C{now}, or L{None}.
+    @ivar newPool: Whether the reload adds the pool.
+    """
+
+    pool: str
+    was: Any
+    now: Any
+    checker: Any
+    newPool: bool = False
+
+    def describe(self) -> str:
+        """
+        The change for the reload's summary: C{health checks (interval 5.0
+        -> 1.0)}, C{health checks added (type "tcp")}.
+        """
+        if self.now is None:
+            return "health checks removed"
+        if self.was is None:
+            return f"health checks added (type {_showSetting(self.now.type)})"
+        differences = []
+        for field in attrs.fields(type(self.now)):
+            if field.name == "options":
+                continue
+            before, after = getattr(self.was, field.name), getattr(self.now, field.name)
+            if before != after:
+                differences.append(f"{field.name} {_showSetting(before)} -> {_showSetting(after)}")
+        options = dict.fromkeys([*self.was.options, *self.now.options])
+        for key in options:
+            before, after = self.was.options.get(key, _UNSET), self.now.options.get(key, _UNSET)
+            if before != after:
+                differences.append(f"{key} {_showSetting(before)} -> {_showSetting(after)}")
+        if not differences:
+            return "health checks replaced"
+        return f"health checks ({', '.join(differences)})"
 
 
 def _abortIfOpen(connection: Any) -> None:

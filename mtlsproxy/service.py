@@ -235,9 +235,7 @@ class ProxyService(MultiService):
             )
             self.healthShare.setServiceParent(self)
         for index, poolConfig in enumerate(config.pools):
-            if poolConfig.health_check is not None and (
-                self.healthShare is None or self.healthShare.checking
-            ):
+            if poolConfig.health_check is not None and self.checksHealth:
                 self._startHealthChecks(index, poolConfig)
         self.gates: dict[str, ConnectionGate] = {}
         # The TLS connection creator of each TLS listener, swapped by reloads.
@@ -268,27 +266,75 @@ class ProxyService(MultiService):
         """
         return getattr(self, "backendTLS", {}).get(poolName)
 
+    @property
+    def checksHealth(self) -> bool:
+        """
+        Does this process run active health checks?  Yes, unless it is a
+        worker that follows worker 0's verdicts (L{mtlsproxy.healthshare}).
+        """
+        return self.healthShare is None or bool(self.healthShare.checking)
+
     def _startHealthChecks(self, index: int, poolConfig: Any) -> None:
         """
         Attach a L{HealthMonitor} for one pool with a C{health_check} table.
         """
-        from .health import HealthMonitor, makeChecker
+        checker = self.newHealthChecker(index, poolConfig, self._backendTLSFor(poolConfig.name))
+        self.startHealthMonitor(poolConfig.name, checker, poolConfig.health_check)
+
+    def newHealthChecker(self, index: int, poolConfig: Any, tls: Any) -> Any:
+        """
+        Build (only build: nothing connects yet) the checker of a pool's
+        C{health_check} table.
+
+        @param index: The pool's place in the file, for error messages.
+        @param tls: The pool's backend TLS holder the checker connects with,
+            or L{None}.
+
+        @raise ConfigurationError: If the checker plugin is missing or
+            refuses the options; the key path is set
+            (C{pools[1].health_check.path}), the file is not.
+        """
+        from .health import makeChecker
         from .plugins import healthCheckerFactoriesByName
 
-        checker = makeChecker(
+        return makeChecker(
             poolConfig.health_check,
             self._reactor,
-            self._backendTLSFor(poolConfig.name),
+            tls,
             healthCheckerFactoriesByName(),
             f"pools[{index}].health_check",
         )
-        monitor = HealthMonitor(
-            self._reactor, self.pools[poolConfig.name], checker, poolConfig.health_check
-        )
+
+    def startHealthMonitor(self, poolName: str, checker: Any, config: Any) -> Any:
+        """
+        Check the members of pool C{poolName} with C{checker} from now on (at
+        once if the proxy is running, else when it starts): a new
+        L{HealthMonitor} child service, reported through the health share in
+        worker 0.  Members that carry a check result keep their health.
+
+        @return: The monitor.
+        """
+        from .health import HealthMonitor
+
+        monitor = HealthMonitor(self._reactor, self.pools[poolName], checker, config)
         if self.healthShare is not None:
             self.healthShare.observe(monitor)
         monitor.setServiceParent(self)
-        self.healthMonitors[poolConfig.name] = monitor
+        self.healthMonitors[poolName] = monitor
+        return monitor
+
+    def stopHealthMonitor(self, poolName: str) -> Deferred[Any]:
+        """
+        Stop and detach the health monitor of pool C{poolName}, if it has
+        one; members keep their health.
+
+        @return: Fires once its checks in flight are cancelled.
+        """
+        monitor = self.healthMonitors.pop(poolName, None)
+        if monitor is None:
+            return succeed(None)
+        # Stops it if running (cancelling its timers and checks in flight).
+        return maybeDeferred(monitor.disownServiceParent)
 
     def _gateFor(self, listenerConfig: Any) -> ConnectionGate:
         """

@@ -686,6 +686,139 @@ class WorkerTests(SynchronousTestCase):
         self.assertEqual(member.lastCheck, (CheckResult(False, "connection refused"), DOWN.time))
 
 
+class WorkerReloadTests(SynchronousTestCase):
+    """
+    A reload that changes, adds or removes a pool's health checks in a
+    worker: worker 0 replaces its monitors and reports through the new
+    ones; the others start none and update what they follow.
+    """
+
+    def setUp(self) -> None:
+        self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def reload(self, proxy: ProxyService, text: str) -> Any:
+        """
+        Write C{text} as the worker's configuration and reload it.
+        """
+        with open(proxy.loaded.config.path, "w") as f:
+            f.write(text)
+        result = proxy.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertEqual(result.restartNeeded, ())
+        return result
+
+    def test_followerStartsNoMonitor(self) -> None:
+        """
+        When a follower reloads a changed interval and a new pool with
+        checks, it starts no monitor and makes no check connection; what it
+        keeps per pool is the new settings, and it follows the new pool's
+        members.
+        """
+        proxy, reactor, channel = _worker(self, 1)
+        _start(self, proxy)
+        more = (
+            '\n[[pools]]\nname = "more"\n[[pools.members]]\naddress = "127.0.0.1"\nport = 11\n'
+            '[pools.health_check]\ntype = "tcp"\ninitial_state = "unhealthy"\n'
+        )
+        result = self.reload(proxy, CONFIG.format(extra="").replace("interval = 1.0", "interval = 2.0") + more)
+        self.assertIn("pool 'app': health checks (interval 1.0 -> 2.0)", result.changes)
+        self.assertIn("pool 'more': health checks added (type \"tcp\")", result.changes)
+        reactor.advance(30)
+        self.assertEqual(proxy.healthMonitors, {})
+        self.assertEqual(reactor.tcpClients, [])
+        self.assertEqual(proxy.healthShare.healthChecks["app"].interval, 2.0)
+        self.assertEqual(proxy.healthShare.healthChecks["more"].initial_state, "unhealthy")
+        [member] = proxy.pools["more"].members
+        self.assertFalse(member.healthy)
+        channel.protocol.dataReceived(encodeVerdict(HealthVerdict("more", "127.0.0.1:11", True, "connected", 5.0)))
+        self.assertTrue(member.healthy)
+
+    def test_followerChecksRemoved(self) -> None:
+        """
+        When a follower's reload removes a pool's checks, its members are
+        made healthy (logged once), and a verdict worker 0 sends before its
+        own reload is not applied.
+        """
+        from mtlsproxy.reload import HEALTH_CHECKS_REMOVED_FORMAT
+
+        proxy, reactor, channel = _worker(self, 1)
+        _start(self, proxy)
+        [m9, m10] = proxy.pools["app"].members
+        channel.protocol.dataReceived(encodeVerdict(DOWN))
+        self.assertFalse(m9.healthy)
+        result = self.reload(proxy, CONFIG.format(extra="").split("[pools.health_check]")[0])
+        self.assertIn("pool 'app': health checks removed (1 member(s) made healthy)", result.changes)
+        self.assertEqual((m9.healthy, m10.healthy), (True, True))
+        [event] = [e for e in self.observer if e["log_format"] == HEALTH_CHECKS_REMOVED_FORMAT]
+        self.assertEqual((event["pool"], event["count"], event["members"]), ("app", 1, ["127.0.0.1:9"]))
+        self.assertEqual(proxy.healthShare.healthChecks, {})
+        channel.protocol.dataReceived(encodeVerdict(DOWN))
+        self.assertTrue(m9.healthy)
+        self.assertEqual(proxy.healthMonitors, {})
+
+    def test_followerChecksAdded(self) -> None:
+        """
+        When a follower's reload gives a pool checks, each member takes the
+        verdict heard for it (worker 0 reloaded first) or, without one,
+        its initial state, and later verdicts apply.
+        """
+        proxy, reactor, channel = _worker(self, 1)
+        with open(proxy.loaded.config.path, "w") as f:
+            f.write(CONFIG.format(extra="").split("[pools.health_check]")[0])
+        proxy.reloader.reload()
+        _start(self, proxy)
+        [m9, m10] = proxy.pools["app"].members
+        channel.protocol.dataReceived(encodeVerdict(DOWN))
+        self.assertTrue(m9.healthy)
+        self.reload(proxy, CONFIG.format(extra='initial_state = "unhealthy"'))
+        self.assertEqual((m9.healthy, m10.healthy), (False, False))
+        self.assertEqual(m9.lastCheck, (CheckResult(False, "connection refused (from worker 0)"), DOWN.time))
+        self.assertIsNone(m10.lastCheck)
+        channel.protocol.dataReceived(
+            encodeVerdict(UP) + encodeVerdict(HealthVerdict("app", "127.0.0.1:10", True, "connected", 3.0))
+        )
+        self.assertEqual((m9.healthy, m10.healthy), (True, True))
+        reactor.advance(30)
+        self.assertEqual(proxy.healthMonitors, {})
+        self.assertEqual(reactor.tcpClients, [])
+
+    def test_checkerReplacesMonitor(self) -> None:
+        """
+        When worker 0 reloads a changed interval, its new monitor checks
+        and reports through the health share (each member's state as it
+        starts watching it); when the checks are removed, the members made
+        healthy are reported too.
+        """
+        proxy, reactor, channel = _worker(self, 0)
+        _start(self, proxy)
+        old = proxy.healthMonitors["app"]
+        for _ in range(100):
+            reactor.advance(0.1)
+        [m9, m10] = proxy.pools["app"].members
+        self.assertEqual((m9.healthy, m10.healthy), (False, False))
+        sent = len(channel.sent())
+        self.reload(proxy, CONFIG.format(extra="").replace("interval = 1.0", "interval = 2.0"))
+        new = proxy.healthMonitors["app"]
+        self.assertIsNot(new, old)
+        self.assertFalse(old.running)
+        self.assertTrue(new.running)
+        self.assertEqual(
+            [(v.member, v.healthy) for v in channel.sent()[sent:]],
+            [("127.0.0.1:9", False), ("127.0.0.1:10", False)],
+        )
+        attempts = len(reactor.tcpClients)
+        for _ in range(100):
+            reactor.advance(0.1)
+        self.assertGreater(len(reactor.tcpClients), attempts)
+        sent = len(channel.sent())
+        self.reload(proxy, CONFIG.format(extra="").split("[pools.health_check]")[0])
+        self.assertEqual(proxy.healthMonitors, {})
+        self.assertEqual(
+            [(v.member, v.healthy, v.reason) for v in channel.sent()[sent:]],
+            [("127.0.0.1:9", True, "health checks removed"), ("127.0.0.1:10", True, "health checks removed")],
+        )
+
+
 class MonitorObserverTests(SynchronousTestCase):
     """
     L{HealthMonitor.observers}, the hook the checker reports through.

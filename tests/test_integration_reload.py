@@ -11,7 +11,9 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 from OpenSSL import SSL
@@ -821,3 +823,115 @@ class HTTPSReloadIntegrationTests(_Proxy, SynchronousTestCase):
         except OSError:
             pass  # closed: a reset or an EOF without close_notify
         self.assertEqual(self.get(other), 200)
+
+
+class _Health(BaseHTTPRequestHandler):
+    """
+    A member that answers C{/healthz} and C{/hello} with 200, anything
+    else with 404.
+    """
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        if self.path in ("/healthz", "/hello"):
+            body = f"ok {self.path}\n".encode()
+            self.send_response(200)
+        else:
+            body = b"not found\n"
+            self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class HealthCheckReloadIntegrationTests(_Proxy, SynchronousTestCase):
+    """
+    A reload fixes a wrong C{http} health check path on the real proxy.
+    """
+
+    def setUp(self) -> None:
+        self.makeDir()
+        self.member = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+        self.member.daemon_threads = True
+        threading.Thread(target=self.member.serve_forever, daemon=True).start()
+        self.addCleanup(self.member.server_close)
+        self.addCleanup(self.member.shutdown)
+        self.memberPort = self.member.server_address[1]
+
+    def configText(self, path: str) -> str:
+        return f"""
+reload_poll_interval = 0
+
+[[listeners]]
+name = "plain"
+endpoint = "tcp:0:interface=127.0.0.1"
+protocol = "tcp"
+pool = "app"
+
+[[pools]]
+name = "app"
+connect_timeout = 2.0
+
+[[pools.members]]
+address = "127.0.0.1"
+port = {self.memberPort}
+
+[pools.health_check]
+type = "http"
+path = "{path}"
+interval = 0.3
+timeout = 0.3
+jitter = 0.0
+healthy_threshold = 1
+unhealthy_threshold = 1
+"""
+
+    def request(self) -> bytes:
+        """
+        C{GET /hello} through the proxy: everything that comes back before
+        the connection closes.
+        """
+        with socket.create_connection(("127.0.0.1", self.proxy.ports["plain"]), timeout=TIMEOUT) as s:
+            s.sendall(b"GET /hello HTTP/1.0\r\nHost: app\r\n\r\n")
+            received = b""
+            while True:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            return received
+
+    def test_fixedPathMakesMemberHealthy(self) -> None:
+        """
+        When the health check's path is wrong, the member is unhealthy and
+        clients are refused (no_healthy_member); when the path is fixed in
+        the file and the proxy gets SIGHUP, the reload applies the new
+        check (no restart needed), the member becomes healthy and clients
+        are served.
+        """
+        self.startProxy(self.configText("/wrong"))
+        member = f"127.0.0.1:{self.memberPort}"
+        self.waitForCount(rf"member {member} is now unhealthy: HTTP status 404", 1)
+        self.assertEqual(self.request(), b"")
+        self.waitForCount(r"no_healthy_member", 1)
+        with open(self.proxy.config + ".tmp", "w") as f:
+            f.write(self.configText("/healthz"))
+        os.replace(self.proxy.config + ".tmp", self.proxy.config)
+        assert self.proxy.process is not None
+        self.proxy.process.send_signal(signal.SIGHUP)
+        self.waitForCount(r"Reloaded .*\(SIGHUP\)", 1)
+        self.assertRegex(
+            self.proxy.log(),
+            r"Reloaded .*\(SIGHUP\): 1 change\(s\) applied \(pool 'app': health checks"
+            r" \(path \"/wrong\" -> \"/healthz\"\)\), 0 need a restart",
+        )
+        self.waitForCount(rf"member {member} is now healthy: HTTP 200", 1)
+        self.assertIn(b"ok /hello", self.request())
+        self.assertEqual(self.logCount("this needs a restart"), 0)

@@ -24,8 +24,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.internet.error import ConnectionDone
 from twisted.logger import globalLogPublisher
+from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from mtlsproxy import pki
 from mtlsproxy.checks import checkConfiguration
@@ -42,7 +44,10 @@ from mtlsproxy.expiry import (
     ExpiryMonitor,
     expiryReport,
 )
+from mtlsproxy.health import OptionError
+from mtlsproxy.interfaces import IHealthCheckerFactory
 from mtlsproxy.reload import (
+    HEALTH_CHECKS_REMOVED_FORMAT,
     RELOAD_FAILED_FORMAT,
     RELOADED_FORMAT,
     RESTART_NEEDED_FORMAT,
@@ -1581,3 +1586,345 @@ class BackendTLSExpiryTests(_EventsMixin, SynchronousTestCase):
         self.assertEqual(event["days_left"], 0)
         clients = [i.subject for i in fixture.reloader.expiryReport() if i.kind == CLIENT_CERTIFICATE]
         self.assertEqual(clients, ["CN=mtlsproxy soon"])
+
+
+HEALTH_CHECK = """
+[pools.health_check]
+type = "tcp"
+interval = {interval}
+timeout = 0.5
+jitter = 0.0
+unhealthy_threshold = 2
+healthy_threshold = 1
+{extra}"""
+
+
+class HealthFixture(ProxyFixture):
+    """
+    L{ProxyFixture} whose pool C{app} has the C{[pools.health_check]} of
+    L{healthCheck} (nothing when empty) at the end of the file, and maybe
+    more pools after it (L{morePools}).
+    """
+
+    def __init__(self, testCase: SynchronousTestCase, healthCheck: str) -> None:
+        self.healthCheck = healthCheck
+        self.morePools = ""
+        super().__init__(testCase)
+
+    def writeConfig(self) -> None:
+        super().writeConfig()
+        with open(self.configPath, "a") as f:
+            f.write(self.healthCheck + self.morePools)
+
+    def attempts(self, port: int) -> int:
+        """
+        How many connections (health checks: nothing else connects here)
+        were started to a member on C{port} so far.
+        """
+        return sum(1 for client in self.reactor.tcpClients if client[1] == port)
+
+    def run(self, seconds: float) -> None:
+        """
+        Let C{seconds} pass, a tenth at a time.
+        """
+        for _ in range(int(seconds * 10)):
+            self.reactor.advance(0.1)
+
+    def accept(self, port: int) -> None:
+        """
+        Let the latest connection attempt to C{port} succeed (the member
+        accepted), and close it as the checker asks.
+        """
+        [attempt] = [c for c in self.reactor.tcpClients if c[1] == port][-1:]
+        protocol = attempt[2].buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertClosing(transport)
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def runAccepting(self, seconds: float, port: int) -> None:
+        """
+        Let C{seconds} pass, a tenth at a time, the member on C{port}
+        accepting every check at once.
+        """
+        for _ in range(int(seconds * 10)):
+            seen = self.attempts(port)
+            self.reactor.advance(0.1)
+            if self.attempts(port) > seen:
+                self.accept(port)
+
+    @staticmethod
+    def assertClosing(transport: StringTransport) -> None:
+        assert transport.disconnecting, "the tcp check did not close its connection"
+
+
+class HealthCheckReloadTests(_EventsMixin, SynchronousTestCase):
+    """
+    A reload replaces a pool's active health checks: real L{ProxyService},
+    real C{tcp} checker, connection attempts recorded by the
+    L{MemoryReactorClock}.
+    """
+
+    def fixture(self, healthCheck: str, start: bool = True) -> HealthFixture:
+        fixture = HealthFixture(self, healthCheck)
+        if start:
+            fixture.proxy.startService()
+            self.addCleanup(fixture.proxy.stopService)
+        return fixture
+
+    def rewrite(self, fixture: HealthFixture, healthCheck: str) -> Any:
+        fixture.healthCheck = healthCheck
+        fixture.writeConfig()
+        result = fixture.reloader.reload()
+        self.assertTrue(result.ok, result)
+        self.assertEqual(result.restartNeeded, ())
+        return result
+
+    def test_intervalChange(self) -> None:
+        """
+        When a reload changes a pool's check interval, the old monitor
+        stops and a new one checks every member at the new interval; the
+        summary lists it as applied.
+        """
+        fixture = self.fixture(HEALTH_CHECK.format(interval=5.0, extra=""))
+        old = fixture.proxy.healthMonitors["app"]
+        fixture.run(10)
+        self.assertIn(fixture.attempts(9001), (2, 3))
+        result = self.rewrite(fixture, HEALTH_CHECK.format(interval=1.0, extra=""))
+        self.assertIn("pool 'app': health checks (interval 5.0 -> 1.0)", result.changes)
+        new = fixture.proxy.healthMonitors["app"]
+        self.assertIsNot(new, old)
+        self.assertFalse(old.running)
+        self.assertEqual(old.watching(), [])
+        self.assertTrue(new.running)
+        self.assertEqual(new.config.interval, 1.0)
+        self.assertIs(new.parent, fixture.proxy)
+        before = {port: fixture.attempts(port) for port in (9001, 9002)}
+        fixture.run(10)
+        for port in (9001, 9002):
+            self.assertIn(fixture.attempts(port) - before[port], (9, 10, 11))
+        [event] = self.logged(RELOADED_FORMAT)
+        self.assertIn("pool 'app': health checks (interval 5.0 -> 1.0)", event["summary"])
+        self.assertEqual(self.logged(RESTART_NEEDED_FORMAT), [])
+
+    def test_optionChangeDescribed(self) -> None:
+        """
+        When a reload changes a checker option and a threshold, the summary
+        names both, with their old and new values.
+        """
+        fixture = self.fixture(
+            HEALTH_CHECK.format(interval=1.0, extra="").replace('"tcp"', '"http"')
+            + 'path = "/wrong"\n'
+        )
+        result = self.rewrite(
+            fixture,
+            HEALTH_CHECK.format(interval=1.0, extra="").replace('"tcp"', '"http"').replace(
+                "unhealthy_threshold = 2", "unhealthy_threshold = 4"
+            )
+            + 'path = "/healthz"\n',
+        )
+        self.assertIn(
+            "pool 'app': health checks (unhealthy_threshold 2 -> 4, path \"/wrong\" -> \"/healthz\")",
+            result.changes,
+        )
+        self.assertEqual(fixture.proxy.healthMonitors["app"].checker.path, b"/healthz")
+
+    def test_healthKeptAcrossSwap(self) -> None:
+        """
+        When the checks are replaced, each member keeps its health and last
+        check: one that checks took out stays out, one that passed stays
+        in (even with C{initial_state = "unhealthy"} now), and the new
+        monitor goes on from there: the next pass brings the first one
+        back.
+        """
+        fixture = self.fixture(HEALTH_CHECK.format(interval=1.0, extra=""))
+        down, up = fixture.proxy.pools["app"].members
+        fixture.runAccepting(3, 9002)
+        self.assertFalse(down.healthy)
+        self.assertTrue(up.healthy)
+        lastDown, lastUp = down.lastCheck, up.lastCheck
+        assert lastDown is not None and lastUp is not None
+        self.assertFalse(lastDown[0].healthy)
+        old = fixture.proxy.healthMonitors["app"]
+        self.rewrite(fixture, HEALTH_CHECK.format(interval=2.0, extra='initial_state = "unhealthy"\n'))
+        self.assertIsNot(fixture.proxy.healthMonitors["app"], old)
+        self.assertEqual(fixture.proxy.healthMonitors["app"].config.initial_state, "unhealthy")
+        self.assertEqual((down.healthy, up.healthy), (False, True))
+        self.assertEqual((down.lastCheck, up.lastCheck), (lastDown, lastUp))
+        self.assertEqual(
+            set(map(id, fixture.proxy.healthMonitors["app"].watching())), {id(down), id(up)}
+        )
+        before = fixture.attempts(9001)
+        while fixture.attempts(9001) == before:
+            fixture.reactor.advance(0.1)
+        fixture.accept(9001)
+        self.assertTrue(down.healthy)
+
+    def test_removedMakesMembersHealthy(self) -> None:
+        """
+        When a reload removes a pool's health_check, its monitor stops, no
+        check runs any more, and every member is healthy again, logged once
+        with the pool and the count.
+        """
+        fixture = self.fixture(HEALTH_CHECK.format(interval=1.0, extra=""))
+        fixture.run(3)
+        members = fixture.proxy.pools["app"].members
+        self.assertEqual([m.healthy for m in members], [False, False])
+        old = fixture.proxy.healthMonitors["app"]
+        result = self.rewrite(fixture, "")
+        self.assertIn("pool 'app': health checks removed (2 member(s) made healthy)", result.changes)
+        self.assertEqual(fixture.proxy.healthMonitors, {})
+        self.assertFalse(old.running)
+        self.assertNotIn(old, list(fixture.proxy))
+        self.assertEqual([m.healthy for m in members], [True, True])
+        [event] = self.logged(HEALTH_CHECKS_REMOVED_FORMAT)
+        self.assertEqual(
+            (event["pool"], event["count"], event["members"]),
+            ("app", 2, ["127.0.0.1:9001", "127.0.0.1:9002"]),
+        )
+        attempts = len(fixture.reactor.tcpClients)
+        fixture.run(10)
+        self.assertEqual(len(fixture.reactor.tcpClients), attempts)
+        self.assertEqual([m.healthy for m in members], [True, True])
+
+    def test_addedStartsChecks(self) -> None:
+        """
+        When a reload gives a pool without checks a health_check table,
+        its members are checked from then on, at its interval.
+        """
+        fixture = self.fixture("")
+        fixture.run(10)
+        self.assertEqual(fixture.reactor.tcpClients, [])
+        self.assertEqual(fixture.proxy.healthMonitors, {})
+        result = self.rewrite(fixture, HEALTH_CHECK.format(interval=1.0, extra=""))
+        self.assertIn("pool 'app': health checks added (type \"tcp\")", result.changes)
+        fixture.run(5)
+        self.assertIn(fixture.attempts(9001), (4, 5))
+        self.assertIn(fixture.attempts(9002), (4, 5))
+        self.assertEqual([m.healthy for m in fixture.proxy.pools["app"].members], [False, False])
+
+    def test_newPoolChecked(self) -> None:
+        """
+        When a reload adds a pool with a health_check table, its members
+        are checked, and nothing needs a restart.
+        """
+        fixture = self.fixture("")
+        fixture.morePools = (
+            '\n[[pools]]\nname = "other"\n[[pools.members]]\naddress = "127.0.0.1"\nport = 9100\n'
+            + HEALTH_CHECK.format(interval=1.0, extra="")
+        )
+        result = self.rewrite(fixture, "")
+        self.assertIn("new pool 'other'", result.changes)
+        self.assertIn("pool 'other': health checks added (type \"tcp\")", result.changes)
+        monitor = fixture.proxy.healthMonitors["other"]
+        self.assertTrue(monitor.running)
+        self.assertIs(monitor.pool, fixture.proxy.pools["other"])
+        fixture.run(3)
+        self.assertIn(fixture.attempts(9100), (2, 3))
+        self.assertEqual(fixture.attempts(9001), 0)
+
+    def test_newPoolCheckedBeforeStart(self) -> None:
+        """
+        When the proxy has not started yet, a reload's new monitor is not
+        started either, and starts with the proxy.
+        """
+        fixture = self.fixture("", start=False)
+        result = self.rewrite(fixture, HEALTH_CHECK.format(interval=1.0, extra=""))
+        self.assertIn("pool 'app': health checks added (type \"tcp\")", result.changes)
+        monitor = fixture.proxy.healthMonitors["app"]
+        self.assertFalse(monitor.running)
+        fixture.run(3)
+        self.assertEqual(fixture.reactor.tcpClients, [])
+        fixture.proxy.startService()
+        self.addCleanup(fixture.proxy.stopService)
+        self.assertTrue(monitor.running)
+        fixture.run(3)
+        self.assertIn(fixture.attempts(9001), (2, 3))
+
+    def test_invalidOptionRefused(self) -> None:
+        """
+        When the new health_check has an invalid option, the reload is
+        refused with an error naming the file, the key path and the
+        problem, and the running monitor goes on checking as before.
+        """
+        http = HEALTH_CHECK.format(interval=1.0, extra="").replace('"tcp"', '"http"')
+        fixture = self.fixture(http + 'path = "/healthz"\n')
+        monitor = fixture.proxy.healthMonitors["app"]
+        fixture.healthCheck = http.replace("interval = 1.0", "interval = 2.0") + 'path = "healthz"\n'
+        fixture.writeConfig()
+        result = fixture.reloader.reload()
+        self.assertFalse(result.ok)
+        self.assertEqual(
+            result.error,
+            f"{fixture.configPath}: pools[0].health_check.path: expected a path starting with"
+            ' "/" such as "/healthz", got "healthz"',
+        )
+        [event] = self.logged(RELOAD_FAILED_FORMAT)
+        self.assertEqual(event["key"], "pools[0].health_check.path")
+        self.assertIs(fixture.proxy.healthMonitors["app"], monitor)
+        self.assertTrue(monitor.running)
+        self.assertEqual(monitor.config.interval, 1.0)
+        fixture.run(5)
+        self.assertIn(fixture.attempts(9001), (4, 5))
+
+
+@implementer(IPlugin, IHealthCheckerFactory)
+class _PlainOnly:
+    """
+    A health checker plugin that cannot speak TLS: it refuses a pool with
+    backend TLS settings, which only the running proxy (not the
+    configuration file alone) can tell.
+    """
+
+    name = "plain_only"
+    description = "TCP connect, for pools without [pools.tls]."
+    options = {"port_offset": "Added to the member's port."}
+
+    def newChecker(self, reactor: Any, options: Any, tls: Any) -> Any:
+        if tls is not None:
+            raise OptionError("port_offset", f"cannot check pool {tls.poolName!r} over TLS")
+        from mtlsproxy.checkers import TCPChecker
+
+        return TCPChecker(reactor)
+
+
+class HealthCheckerRefusedTests(_EventsMixin, SynchronousTestCase):
+    """
+    A checker that can be built only from the running proxy's state (its
+    backend TLS) and refuses it: the reload is refused before anything
+    is applied.
+    """
+
+    def test_refusedKeepsMonitor(self) -> None:
+        """
+        When the new checker refuses the pool's backend TLS, the reload is
+        refused naming the file, the key path, the pool and the problem;
+        the old monitor keeps running and nothing else of the reload
+        (here a new member) is applied.
+        """
+        from mtlsproxy import plugins
+
+        installed = plugins.healthCheckerFactoriesByName
+        self.patch(plugins, "healthCheckerFactoriesByName", lambda: {**installed(), "plain_only": _PlainOnly()})
+        fixture = BackendFixture(self, healthCheck=True)
+        fixture.proxy.startService()
+        self.addCleanup(fixture.proxy.stopService)
+        monitor = fixture.proxy.healthMonitors["app"]
+        fixture.members.append(("127.0.0.1", 9003, 1))
+        fixture.writeConfig()
+        with open(fixture.configPath) as f:
+            text = f.read()
+        with open(fixture.configPath, "w") as f:
+            f.write(text.replace('type = "tls"', 'type = "plain_only"\nport_offset = 1'))
+        result = fixture.reloader.reload()
+        self.assertFalse(result.ok)
+        self.assertEqual(
+            result.error,
+            f"{fixture.configPath}: pools[0].health_check.port_offset: pool 'app':"
+            " cannot check pool 'app' over TLS",
+        )
+        [event] = self.logged(RELOAD_FAILED_FORMAT)
+        self.assertEqual((event["file"], event["key"]), (fixture.configPath, "pools[0].health_check.port_offset"))
+        self.assertIs(fixture.proxy.healthMonitors["app"], monitor)
+        self.assertTrue(monitor.running)
+        self.assertEqual(len(fixture.proxy.pools["app"].members), 2)
