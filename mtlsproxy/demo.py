@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "etc", "mtlsproxy.toml")
 PKI = os.path.join(ROOT, "demo", "pki")
 PROXY = ("127.0.0.1", 8443)
+STATUS = ("127.0.0.1", 9180)
 BACKENDS = (("backend-1", 9001), ("backend-2", 9002))
 
 
@@ -141,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which("curl"):
             result = subprocess.run(revoked, capture_output=True, text=True, timeout=15)
             print(f"    -> exit {result.returncode}: " + (result.stderr.strip() or result.stdout.strip()))
+        print("Status, health checks and metrics of every worker:")
+        print(f"    curl -sS http://{STATUS[0]}:{STATUS[1]}/status    (and /metrics, /readyz)")
         sys.stdout.flush()
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(c.poll() is None for c in children):

@@ -255,8 +255,9 @@ class LoadConfigTests(ConfigFileMixin, SynchronousTestCase):
     def test_exampleConfiguration(self) -> None:
         """
         When the shipped C{etc/mtlsproxy.toml} is loaded, it describes the
-        demo: one mTLS listener on 127.0.0.1:8443 in front of two backends,
-        with paths into C{demo/pki}.
+        demo: one mTLS listener on 127.0.0.1:8443 in front of two backends
+        checked over HTTP, with paths into C{demo/pki}, and a status
+        endpoint on 127.0.0.1:9180.
         """
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         config = loadConfig(os.path.join(root, "etc", "mtlsproxy.toml"))
@@ -282,6 +283,23 @@ class LoadConfigTests(ConfigFileMixin, SynchronousTestCase):
             [(m.address, m.port, m.weight) for m in pool.members],
             [("127.0.0.1", 9001, 1), ("127.0.0.1", 9002, 1)],
         )
+        assert pool.health_check is not None
+        self.assertEqual((pool.health_check.type, pool.health_check.options["path"]), ("http", "/"))
+        assert config.status is not None
+        self.assertEqual(config.status.endpoint, "tcp:9180:interface=127.0.0.1")
+
+    def test_exampleInDocs(self) -> None:
+        """
+        When docs/configuration.md shows the example configuration, it is
+        the shipped C{etc/mtlsproxy.toml} from its first setting on.
+        """
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(os.path.join(root, "etc", "mtlsproxy.toml")) as f:
+            shipped = f.read()
+        with open(os.path.join(root, "docs", "configuration.md")) as f:
+            docs = f.read()
+        example = docs.split("## Example", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+        self.assertEqual(example, shipped[shipped.index("# Processes serving"):])
 
     def test_unknownTopLevelKey(self) -> None:
         """
