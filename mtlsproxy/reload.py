@@ -729,7 +729,7 @@ class Reloader(Service):
         """
         Bring the run-time pools in line with C{new}: members added,
         removed and re-weighted in place, selector and ejection settings;
-        new pools created.
+        new pools created, pools no longer configured removed.
         """
         from .plugins import selectorFactory
         from .pool import Pool
@@ -756,6 +756,26 @@ class Reloader(Service):
                 pool.selector = selectorFactory(poolConfig.selector).newSelector()
                 changes.append(f"pool {poolConfig.name!r}: selector {poolConfig.selector!r}")
             _updatePoolSettings(pool, poolConfig)
+        self._removePools({p.name for p in new.pools}, changes)
+
+    def _removePools(self, kept: set[str], changes: list[str]) -> None:
+        """
+        Forget the pools the file no longer has: their health checks stop
+        (they would go on checking backends nobody configured any more),
+        and they leave C{/status}, the metrics and the expiry report with
+        their C{[pools.tls]} material.  The rebuilt router no longer offers
+        them (a listener naming a missing pool is refused before this); the
+        connections already relayed to their members go on.
+        """
+        proxy = self.proxy
+        share = getattr(proxy, "healthShare", None)
+        for name in [name for name in proxy.pools if name not in kept]:
+            proxy.stopHealthMonitor(name)
+            if share is not None:
+                share.checksChanged(name, None)
+            del proxy.pools[name]
+            getattr(proxy, "backendTLS", {}).pop(name, None)
+            changes.append(f"pool {name!r} removed")
 
     def _applyHealthChecks(self, health: Iterable[_HealthChange], changes: list[str]) -> None:
         """

@@ -1823,6 +1823,36 @@ class HealthCheckReloadTests(_EventsMixin, SynchronousTestCase):
         self.assertIn(fixture.attempts(9100), (2, 3))
         self.assertEqual(fixture.attempts(9001), 0)
 
+    def test_removedPoolForgotten(self) -> None:
+        """
+        When a reload removes a pool, its health checks stop (no more
+        connections to its members), it leaves the proxy's pools (so
+        C{/status} and the metrics), and the summary says so.
+        """
+        from mtlsproxy.status import proxyStatus
+
+        fixture = self.fixture("")
+        fixture.morePools = (
+            '\n[[pools]]\nname = "other"\n[[pools.members]]\naddress = "127.0.0.1"\nport = 9100\n'
+            + HEALTH_CHECK.format(interval=1.0, extra="")
+        )
+        self.rewrite(fixture, "")
+        monitor = fixture.proxy.healthMonitors["other"]
+        fixture.run(3)
+        self.assertGreater(fixture.attempts(9100), 0)
+
+        fixture.morePools = ""
+        result = self.rewrite(fixture, "")
+        self.assertIn("pool 'other' removed", result.changes)
+        self.assertNotIn("other", fixture.proxy.pools)
+        self.assertNotIn("other", fixture.proxy.healthMonitors)
+        self.assertFalse(monitor.running)
+        before = fixture.attempts(9100)
+        fixture.run(5)
+        self.assertEqual(fixture.attempts(9100), before)
+        names = [p["name"] for p in proxyStatus(fixture.proxy, fixture.reactor)["pools"]]
+        self.assertEqual(names, ["app"])
+
     def test_newPoolCheckedBeforeStart(self) -> None:
         """
         When the proxy has not started yet, a reload's new monitor is not
