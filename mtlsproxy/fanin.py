@@ -745,6 +745,7 @@ def mergeStatus(
     stopping: bool,
     supervisorPid: int,
     drainedMembers: Sequence[tuple[str, str]] = (),
+    healthVerdicts: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """
     One C{/status} for all the workers, from their answers to C{GET
@@ -757,14 +758,19 @@ def mergeStatus(
     summed; listeners and pool members are merged (see L{_mergeListeners},
     L{_mergePools}); C{certificates} and C{crls} are the first answering
     worker's (all read the same files).  Added: C{supervisor} (with
-    C{drained_members}, the drains it passes to a worker started again)
-    and C{workers}, each worker's own report (or why there is none).
+    C{drained_members}, the drains it passes to a worker started again,
+    and C{health_verdicts}, worker 0's latest health verdict per member as
+    the supervisor relays it to the others) and C{workers}, each worker's
+    own report (or why there is none).
 
     @param workers: The supervisor's L{mtlsproxy.workers.WorkerState}s, in
         the order of C{replies}.
     @param startedAt: When the supervisor started (clock time).
     @param drainedMembers: (pool, member) of every drain the supervisor
         remembers (L{MemberControlMemory.drained}).
+    @param healthVerdicts: The verdicts the supervisor remembers
+        (L{HealthVerdict<mtlsproxy.healthshare.HealthVerdict>}s,
+        L{HealthRelay.current<mtlsproxy.healthshare.HealthRelay.current>}).
     """
     entries: list[dict[str, Any]] = []
     statuses: list[dict[str, Any]] = []
@@ -805,6 +811,10 @@ def mergeStatus(
             "pid": supervisorPid,
             "workers": len(workers),
             "drained_members": [{"pool": pool, "member": member} for pool, member in drainedMembers],
+            "health_verdicts": [
+                {key: value for key, value in verdict.toJSON().items() if key != "type"}
+                for verdict in sorted(healthVerdicts, key=lambda v: (v.pool, v.member))
+            ],
         },
         "workers": entries,
     }
@@ -912,6 +922,7 @@ class _Status(_FanInPage):
                     supervisor.stopping,
                     os.getpid(),
                     fanIn.memory.drained(),
+                    supervisor.healthRelay.current(),
                 ),
             )
 

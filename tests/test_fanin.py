@@ -280,7 +280,26 @@ class FanInTests(SynchronousTestCase):
             [(w["worker"], w["pid"], w["status"]["pools"][0]["members"][0]["draining"]) for w in status["workers"]],
             [(0, 1000, False), (1, 1001, True)],
         )
-        self.assertEqual(status["supervisor"], {"pid": os.getpid(), "workers": 2, "drained_members": []})
+        self.assertEqual(
+            status["supervisor"],
+            {"pid": os.getpid(), "workers": 2, "drained_members": [], "health_verdicts": []},
+        )
+
+    def test_statusShowsHealthVerdicts(self) -> None:
+        """
+        When worker 0 has reported a member's health, the supervisor's
+        /status lists the verdict it relays to the other workers.
+        """
+        from mtlsproxy.healthshare import HealthVerdict, encodeVerdict
+
+        verdict = HealthVerdict("app", "127.0.0.1:9", False, "connection refused", 1700000000.5)
+        self.supervisor.healthRelay.splitterFor(0).feed(encodeVerdict(verdict))
+        status = json.loads(body(render(self.root, b"/status")))
+        self.assertEqual(
+            status["supervisor"]["health_verdicts"],
+            [{"pool": "app", "member": "127.0.0.1:9", "healthy": False,
+              "reason": "connection refused", "time": 1700000000.5}],
+        )
 
     def test_statusWorkerNotAnswering(self) -> None:
         """
