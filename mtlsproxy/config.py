@@ -1163,6 +1163,11 @@ class StatusConfig:
     @ivar crls: As a listener's C{crls}.
     @ivar crl_missing: As a listener's C{crl_missing}.
     @ivar crl_expired: As a listener's C{crl_expired}.
+    @ivar member_control: Whether C{POST /members/...} (drain, enable) is
+        served at all.  Even when true it is served only on a loopback
+        endpoint or one that requires client certificates; false turns it
+        off there too (a host whose other local users must not drain
+        members).
     """
 
     endpoint: str = attrs.field(
@@ -1185,6 +1190,7 @@ class StatusConfig:
     crl_expired: CRLPolicy = attrs.field(
         default="reject", validator=_oneOf("reject", "allow"), metadata=_key()
     )
+    member_control: bool = attrs.field(default=True, validator=_boolean, metadata=_key())
 
     def __attrs_post_init__(self) -> None:
         """

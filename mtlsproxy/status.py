@@ -474,7 +474,8 @@ def controlRefusal(request: Request, controlAllowed: Callable[[], bool]) -> Opti
         return _json(
             request,
             403,
-            {"error": "member control needs a loopback status endpoint or client certificates"},
+            {"error": "member control is off here: member_control = false, or neither a loopback"
+                      " endpoint nor client certificates"},
         )
     if request.getHeader(b"origin") is not None:
         return _json(request, 403, {"error": "cross-origin requests are refused"})
@@ -611,7 +612,8 @@ class StatusService(Service):
 
     @ivar port: The listening port once listening, else L{None}.
     @ivar controlAllowed: Whether member control (drain, enable) is served:
-        set once listening, from the address and the TLS settings.
+        set once listening, from C{member_control}, the address and the TLS
+        settings.
     @ivar private: Whether this is a worker's private socket.
     """
 
@@ -683,8 +685,8 @@ class StatusService(Service):
                 path=os.fsdecode(getattr(address, "name", None) or self._endpoint),
             )
             return
-        self.controlAllowed = isLocal(address) or (
-            self.config.tls and self.config.client_auth == "required"
+        self.controlAllowed = self.config.member_control and (
+            isLocal(address) or (self.config.tls and self.config.client_auth == "required")
         )
         host = getattr(address, "host", None)
         where = str(address) if host is None else (
@@ -696,7 +698,11 @@ class StatusService(Service):
             "Status endpoint ({scheme}) listening on {address}; member control {control}",
             scheme="https" if self.config.tls else "http",
             address=where,
-            control="enabled" if self.controlAllowed else "disabled (not loopback, no client certificates)",
+            control=(
+                "enabled" if self.controlAllowed
+                else "disabled (member_control = false)" if not self.config.member_control
+                else "disabled (not loopback, no client certificates)"
+            ),
         )
 
     def _failed(self, failure: Any) -> None:

@@ -243,6 +243,37 @@ def tcpConfig(backends: list[EchoBackend], head: str = "") -> str:
     )
 
 
+class MemberControlOffTests(SynchronousTestCase):
+    """
+    C{member_control = false} under C{[status]}.
+    """
+
+    def test_loopbackRefusedWhenOff(self) -> None:
+        """
+        When member_control is false, a loopback status endpoint refuses
+        drains with 403 and says why, the log says control is disabled and
+        why, and the member keeps taking connections; the GETs still work.
+        """
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        pki = DemoPKI(os.path.join(d, "pki"))
+        backend = EchoBackend("backend-1")
+        self.addCleanup(backend.stop)
+        proxy = ProxyProcess(d, OPS + "member_control = false\n" + tlsConfig(pki.directory, [backend]))
+        self.addCleanup(proxy.stop)
+        proxy.start()
+        status = statusPort(proxy)
+        self.assertIn("member control disabled (member_control = false)", proxy.log())
+        code, body = http(status, f"/members/app/127.0.0.1:{backend.port}/drain", "POST")
+        self.assertEqual(code, 403)
+        self.assertIn(b"member_control = false", body)
+        report = json.loads(http(status, "/status")[1])
+        self.assertFalse(report["pools"][0]["members"][0]["draining"])
+        self.assertTrue(
+            tlsExchange(proxy.ports["mtls"], clientContext(pki, "client"), b"hi").startswith(b"hi\nbackend-1")
+        )
+
+
 class GracefulDrainTests(SynchronousTestCase):
     """
     SIGTERM with a connection in progress.
