@@ -13,10 +13,16 @@ in that choice instead of adding a second observer later:
   - Otherwise C{twistd mtlsproxy} names L{twistdLogger} (a
     L{TwistdObserverFactory}) as twistd's C{--logger}, unless one was given
     or C{--syslog}.  When twistd calls it, the configuration has been read, so it can follow
-    C{--log-format} and the C{[logging]} table: for plain text to where
-    twistd would log anyway it returns L{None}, and twistd makes its usual
-    observer (log rotation on SIGUSR1 included); for JSON, or for a
-    C{[logging] file}, it returns the observer itself.
+    C{--log-format} and the C{[logging]} table.  It always makes the
+    observer itself, text as twistd's own or JSON, to where twistd would log
+    or to C{[logging] file}, and keeps the log file it opened (rotated as
+    twistd's: 1 MB and C{SIGUSR1}) as C{logFile}: with worker processes
+    the supervisor writes its workers' lines into that very file
+    (L{mtlsproxy.workers}).
+  - In a worker process (C{--worker I}) it logs to standard output, which
+    is the supervisor's or a pipe to it, never to a file, and marks every
+    line with the worker's index: a C{worker} field in JSON, C{[worker I]}
+    after the C{[namespace#level]} of a text line.
 
 In JSON mode every event is one line: L{twisted.logger.eventAsJSON} of the
 event's fields (so L{twisted.logger.eventFromJSON} reads it back) plus
@@ -41,7 +47,10 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     eventAsJSON,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     textFileLogObserver,
+    timeFormatRFC3339,
 )
 from twisted.python import logfile
 
@@ -52,6 +61,7 @@ __all__ = [
     "jsonLogger",
     "shippable",
     "twistdLogger",
+    "workerTextObserver",
 ]
 
 OPERATIONAL = "operational"
@@ -92,12 +102,42 @@ def shippable(event: LogEvent) -> LogEvent:
     return result
 
 
-def jsonLinesObserver(outFile: IO[Any]) -> ILogObserver:
+def jsonLinesObserver(outFile: IO[Any], worker: Optional[int] = None) -> ILogObserver:
     """
     An observer writing each event to C{outFile} as one line of JSON (see
     L{shippable}), flushed after every event.
+
+    @param worker: In a worker process, its index, written as the C{worker}
+        field of every line.
     """
-    return FileLogObserver(outFile, lambda event: eventAsJSON(shippable(event)) + "\n")
+    if worker is None:
+        return FileLogObserver(outFile, lambda event: eventAsJSON(shippable(event)) + "\n")
+
+    def format(event: LogEvent) -> str:
+        fields = shippable(event)
+        fields["worker"] = worker
+        return eventAsJSON(fields) + "\n"
+
+    return FileLogObserver(outFile, format)
+
+
+def workerTextObserver(outFile: IO[Any], worker: int) -> ILogObserver:
+    """
+    twistd's text observer (L{textFileLogObserver}) for worker process
+    C{worker}: each line is C{TIMESTAMP [namespace#level] [worker I] text},
+    so that a line keeps the format of the supervisor's own.
+    """
+    tag = f"[worker {worker}] "
+
+    def format(event: LogEvent) -> Optional[str]:
+        text = formatEventAsClassicLogText(event, formatTime=lambda when: formatTime(when, timeFormatRFC3339))
+        if text is None:
+            return None
+        # The time stamp never has "] ": the first one ends the system.
+        head, separator, rest = text.partition("] ")
+        return head + separator + tag + rest if separator else tag + text
+
+    return FileLogObserver(outFile, format)
 
 
 def jsonLogger() -> ILogObserver:
@@ -136,14 +176,21 @@ class TwistdObserverFactory:
     C{--logfile} over C{[logging] file}; then standard output with C{-n},
     else twistd's C{twistd.log}.
 
+    In a worker process (C{--worker I}) the destination is always standard
+    output (see L{mtlsproxy.workers}): its supervisor owns the log file.
+
     @ivar options: The C{twistd mtlsproxy} options, or L{None} before
         L{attach}.
     @ivar twistdOptions: twistd's own options (C{logfile}, C{nodaemon}).
+    @ivar logFile: The log file (L{logfile.LogFile}) the observer last made
+        writes to, or L{None} when it writes to standard output.  The
+        supervisor of worker processes writes their lines into it.
     """
 
     def __init__(self, options: Any = None, twistdOptions: Any = None) -> None:
         self.options = options
         self.twistdOptions = twistdOptions
+        self.logFile: Optional[logfile.LogFile] = None
 
     def attach(self, options: Any, twistdOptions: Any) -> None:
         """
@@ -175,8 +222,8 @@ class TwistdObserverFactory:
 
     def __call__(self) -> Optional[ILogObserver]:
         """
-        The observer, or L{None} to let twistd make its default text one
-        (when everything is logged, C{level = "debug"}).
+        The observer; L{None} (twistd makes its default one) only when never
+        attached to options.
 
         Below the configured level, events are dropped before they are
         formatted or written: the per-connection debug events (a client
@@ -189,52 +236,61 @@ class TwistdObserverFactory:
         level = self.level()
         if level == "debug":
             return observer
-        if observer is None:
-            observer = self._twistdDefault()
         return FilteringLogObserver(
             observer, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))]
         )
 
-    def _twistdDefault(self) -> ILogObserver:
+    def _destination(self) -> Optional[str]:
         """
-        The text observer twistd would make (its C{UnixAppLogger}): standard
-        output for C{--logfile -} and with C{-n} without C{--logfile}, else
-        the file (C{twistd.log} by default), rotated as twistd does.
-        """
-        assert self.twistdOptions is not None
-        name = self.twistdOptions.get("logfile")
-        if name == "-" or (not name and self.twistdOptions.get("nodaemon")):
-            return textFileLogObserver(sys.stdout)
-        return textFileLogObserver(_openLogFile(name or "twistd.log"))  # type: ignore[arg-type]
-
-    def _observer(self) -> Optional[ILogObserver]:
-        """
-        The observer for the chosen format and file, or L{None} for
-        twistd's default text one.
+        The log file's path, or L{None} for standard output: twistd's
+        C{--logfile} (C{-} is standard output), else C{[logging] file},
+        else standard output with C{-n}, else twistd's C{twistd.log}; a
+        worker's is always standard output.
         """
         assert self.twistdOptions is not None
-        fmt = self.format()
-        twistdFile = self.twistdOptions.get("logfile")
-        config = getattr(self.options, "loggingConfig", None)
-        configFile = getattr(config, "file", None)
-        if twistdFile:
-            if fmt == "text":
-                return None
-            if twistdFile == "-":
-                return jsonLinesObserver(sys.stdout)
-            return jsonLinesObserver(_openLogFile(twistdFile))  # type: ignore[arg-type]
-        outFile: Any
-        if configFile:
-            outFile = _openLogFile(configFile)
-        elif fmt == "text":
+        if self.options.get("worker") is not None:
             return None
-        elif self.twistdOptions.get("nodaemon"):
+        twistdFile = self.twistdOptions.get("logfile")
+        if twistdFile:
+            return None if twistdFile == "-" else str(twistdFile)
+        configFile = getattr(getattr(self.options, "loggingConfig", None), "file", None)
+        if configFile:
+            return str(configFile)
+        if self.twistdOptions.get("nodaemon"):
+            return None
+        return "twistd.log"
+
+    def _observer(self) -> ILogObserver:
+        """
+        The observer for the chosen format and destination (remembering the
+        log file it opened as L{logFile}).
+        """
+        path = self._destination()
+        worker = self.options.get("worker")
+        outFile: Any
+        if path is None:
+            self.logFile = None
             outFile = sys.stdout
+            if worker is not None:
+                _ignoreRotation()
         else:
-            outFile = _openLogFile("twistd.log")
-        if fmt == "json":
-            return jsonLinesObserver(outFile)
+            self.logFile = outFile = _openLogFile(path)
+        if self.format() == "json":
+            return jsonLinesObserver(outFile, worker)
+        if worker is not None:
+            return workerTextObserver(outFile, worker)
         return textFileLogObserver(outFile)
+
+
+def _ignoreRotation() -> None:
+    """
+    In a worker process: ignore C{SIGUSR1} (unless something handles it).
+    Its supervisor owns and rotates the log file; a C{SIGUSR1} sent to the
+    whole process group or cgroup (C{systemctl kill -s USR1}) must not end
+    the workers, which is what the signal does by default.
+    """
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 twistdLogger = TwistdObserverFactory()

@@ -218,6 +218,14 @@ def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
     count = workerCount(options["workers"] if options["workers"] is not None else config.workers)
     if count <= 1:
         return None
+    from .logs import twistdLogger
+
+    def logFile() -> Any:
+        # The file twistd's observer (made after this service, before it
+        # starts) writes to, when it is ours (see mtlsproxy.logs): the
+        # workers' lines go into it.
+        return twistdLogger.logFile if twistdLogger.options is options else None
+
     supervisor = WorkerSupervisor(
         reactor,
         [(listener.name, listener.endpoint) for listener in config.listeners],
@@ -225,6 +233,7 @@ def _workersService(options: Options, reactor: Any, loaded: Any) -> Any:
         partial(workerArguments, getattr(options, "parent", None), options, workers=count),
         drainTimeout=config.drain_timeout,
         statusSockets=config.status is not None,
+        logFile=logFile,
     )
     if config.status is not None:
         from .fanin import supervisorStatusService

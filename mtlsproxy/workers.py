@@ -29,6 +29,19 @@ With more, the twistd process becomes a supervisor (L{WorkerSupervisor}):
   - a worker exits when the supervisor dies: Linux C{PR_SET_PDEATHSIG}
     (L{exitWithParent}), and, where that is missing, a check every second
     that its parent is still the supervisor.
+  - there is one log: a worker logs to its standard output (never to a
+    file; each line names the worker, L{mtlsproxy.logs}).  When the
+    supervisor logs to standard output (C{-n}, C{--logfile -}) it is the
+    workers' too.  When the supervisor logs to a file (C{--logfile}, C{[logging]
+    file}, a daemon's C{twistd.log}), a worker's standard output and error
+    are pipes the supervisor reads: it writes the whole lines of the
+    output (L{LineJoiner}: bounded, a last unfinished line written at exit)
+    into the very log file its own observer writes to, so that they
+    interleave with its own at line ends and are rotated with them (1 MB,
+    C{SIGUSR1} to the supervisor), and logs each line of the error as an
+    event.  A worker's write to the pipe blocks while the pipe's buffer is
+    full: a supervisor that does not read stalls its workers rather than
+    letting their log lines pile up in memory.
 
 Every worker runs the whole proxy (pools, reloads, logs), except active
 health checks: worker 0 alone runs them and the supervisor passes its
@@ -82,6 +95,7 @@ from .healthshare import HealthRelay, channelDescriptor, encodeVerdict, encodeVe
 
 __all__ = [
     "InheritedListener",
+    "LineJoiner",
     "WorkerSupervisor",
     "encodeInherited",
     "decodeInherited",
@@ -255,39 +269,55 @@ class ParentWatcher(Service):
                 self._reactor.stop()
 
 
+MAX_LOG_LINE = 64 * 1024
+"""The longest line, in bytes, the supervisor keeps of a worker's output
+while waiting for its end (L{LineJoiner})."""
 
-def workerLogFile(logfile: str, index: int) -> str:
-    """
-    The log file of worker C{index} when twistd was given C{--logfile
-    LOGFILE}: C{LOGFILE.worker-INDEX}, beside the supervisor's own.
-    """
-    if logfile == "-":
-        return logfile
-    return f"{logfile}.worker-{index}"
 
-def supervisorLogFile(twistdOptions: Any, pluginOptions: Any) -> Optional[str]:
+class LineJoiner:
     """
-    The file the supervisor logs to, which its workers log beside
-    (L{workerLogFile}), or L{None} when it logs to standard output (shared
-    with the workers: C{-n} without a file, C{--logfile -}) or to syslog.
+    Joins what a worker writes on one of its output pipes into whole lines,
+    for its supervisor to write into the shared log file: a line read in
+    several pieces is delivered once complete, so the lines of two workers
+    (and the supervisor's own) interleave at line ends only.
 
-    The same precedence as L{mtlsproxy.logs.TwistdObserverFactory}:
-    twistd's C{--logfile}, else C{[logging] file}, else, as a daemon,
-    twistd's C{twistd.log} in its run directory (a worker runs in the
-    foreground: without a file of its own, its lines would go to the
-    daemon's standard output, which is C{/dev/null}).
+    Memory stays bounded: no more than C{maxLine} bytes of an unfinished
+    line wait; a longer one is delivered in pieces of C{maxLine} bytes, each
+    ended by a newline.  (A long line read whole, in one read from the
+    pipe, is delivered as it is.)
     """
-    if twistdOptions.get("syslog"):
-        return None
-    logfile = twistdOptions.get("logfile")
-    if logfile:
-        return None if logfile == "-" else str(logfile)
-    configFile = getattr(getattr(pluginOptions, "loggingConfig", None), "file", None)
-    if configFile:
-        return str(configFile)
-    if not twistdOptions.get("nodaemon"):
-        return "twistd.log"
-    return None
+
+    def __init__(self, deliver: Callable[[bytes], None], maxLine: int = MAX_LOG_LINE) -> None:
+        """
+        @param deliver: Called with one or more whole lines, each ended by
+            C{b"\\n"}.
+        @param maxLine: The longest line kept in pieces.
+        """
+        self._deliver = deliver
+        self._maxLine = maxLine
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        """
+        Take what was read: deliver every line it completes, keep the rest.
+        """
+        data = self._partial + data
+        end = data.rfind(b"\n") + 1
+        if end:
+            self._deliver(data[:end])
+            data = data[end:]
+        while len(data) >= self._maxLine:
+            self._deliver(data[: self._maxLine] + b"\n")
+            data = data[self._maxLine :]
+        self._partial = data
+
+    def flush(self) -> None:
+        """
+        The stream ended: deliver its last line, unfinished, with a newline.
+        """
+        if self._partial:
+            partial, self._partial = self._partial, b""
+            self._deliver(partial + b"\n")
 
 
 def workerArguments(
@@ -303,7 +333,8 @@ def workerArguments(
 ) -> list[str]:
     """
     The command line of worker C{index}: this Python running twistd in the
-    foreground, with the supervisor's logging options, and the plugin's
+    foreground, with the supervisor's logging options (but no C{--logfile}:
+    it logs to its standard output), and the plugin's
     options plus C{--worker}, C{--supervisor}, C{--inherit},
     C{--health-channel} (its descriptor to the supervisor) and, with
     C{[status]}, C{--status-socket}, with member drains to apply,
@@ -325,12 +356,9 @@ def workerArguments(
     """
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     if twistdOptions is not None:
-        logfile = supervisorLogFile(twistdOptions, pluginOptions)
-        if logfile is not None:
-            # One file per worker: twistd's LogFile opens an existing file
-            # "rb+" and seeks to its end once, so processes sharing one file
-            # would overwrite each other's lines (and rotate it separately).
-            argv += ["--logfile", workerLogFile(logfile, index)]
+        # Never --logfile: a worker logs to its standard output, which is
+        # either the supervisor's or a pipe the supervisor copies into its
+        # own log file (WorkerSupervisor, logFile).
         logger = twistdOptions.get("logger")
         if isinstance(logger, str) and logger and not logger.startswith("mtlsproxy.logs."):
             argv += ["--logger", logger]
@@ -398,28 +426,71 @@ class _NoAccept(Factory):
 class _WorkerProtocol(ProcessProtocol):
     """
     Tells the supervisor when its worker ends, and what it says on its
-    health channel (its descriptor C{channelFD}).
+    health channel (its descriptor C{channelFD}); with C{logFile}, copies
+    the worker's standard output into it and logs its standard error, line
+    by line.
     """
 
-    def __init__(self, supervisor: WorkerSupervisor, index: int, channelFD: int) -> None:
+    def __init__(
+        self, supervisor: WorkerSupervisor, index: int, channelFD: int, logFile: Any = None
+    ) -> None:
         self.supervisor = supervisor
         self.index = index
         self.channelFD = channelFD
         self.ended: Deferred[None] = Deferred()
         self._lines = supervisor.healthRelay.splitterFor(index)
+        self._logFile = logFile
+        self._output: dict[int, LineJoiner] = {}
+        if logFile is not None:
+            self._output = {1: LineJoiner(self._writeLines), 2: LineJoiner(self._logErrors)}
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         """
-        Message lines from the worker's health channel; nothing else is
-        read from it.
+        Message lines from the worker's health channel; its log lines
+        (standard output) and anything else it writes (standard error),
+        when read.
         """
         if childFD == self.channelFD:
             self._lines.feed(data)
+        elif childFD in self._output:
+            self._output[childFD].feed(data)
+
+    def _writeLines(self, lines: bytes) -> None:
+        """
+        Whole log lines from the worker, into the supervisor's log file
+        (rotated as the supervisor's own lines are).  A failed write (a full
+        disk) loses these lines rather than closing the pipe, which would
+        end the worker's logging.
+        """
+        try:
+            self._logFile.write(lines)
+            self._logFile.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _logErrors(self, lines: bytes) -> None:
+        """
+        Lines the worker wrote on its standard error outside its logging (a
+        configuration warning before it starts logging, a traceback Python
+        prints as it dies): logged by the supervisor, in its log's format.
+        """
+        for line in lines.decode("utf-8", "replace").splitlines():
+            self.supervisor.log.warn("Worker {worker} standard error: {line}", worker=self.index, line=line)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        """
+        One of the worker's pipes closed: write its last, unfinished line.
+        """
+        if childFD in self._output:
+            self._output[childFD].flush()
 
     def processEnded(self, reason: Failure) -> None:
         """
-        The worker exited: tell the supervisor, then whoever waits for it.
+        The worker exited (its pipes are closed): tell the supervisor, then
+        whoever waits for it.
         """
+        for output in self._output.values():
+            output.flush()
         self.supervisor._workerEnded(self, reason)
         self.ended.callback(None)
 
@@ -499,6 +570,7 @@ class WorkerSupervisor(MultiService):
         installSignalHandlers: bool = True,
         listen: Optional[Callable[[str, Factory], Deferred[Any]]] = None,
         statusSockets: bool = False,
+        logFile: Optional[Callable[[], Any]] = None,
     ) -> None:
         """
         @param endpoints: (listener name, endpoint description) of every
@@ -517,6 +589,14 @@ class WorkerSupervisor(MultiService):
             default C{serverFromString(reactor, description).listen}.
         @param statusSockets: Give every worker a private status socket
             (L{statusSocket}), for the fan-in status endpoint.
+        @param logFile: Returns the file the supervisor's own log observer
+            writes to (L{mtlsproxy.logs.TwistdObserverFactory.logFile}:
+            anything with C{write(bytes)} and C{flush()}), or L{None} when
+            it logs elsewhere; called as each worker is started.  With a
+            file, each worker's standard output and error are pipes the
+            supervisor reads, and its whole lines are written into that
+            file; without, workers share the supervisor's standard output
+            and error.
         """
         MultiService.__init__(self)
         self._reactor = reactor
@@ -538,6 +618,7 @@ class WorkerSupervisor(MultiService):
         self._previousHUP: Any = None
         self._listen = listen or (lambda description, factory: serverFromString(reactor, description).listen(factory))
         self._statusSockets = statusSockets
+        self._logFile = logFile
         self.statusDirectory: Optional[str] = None
         self.startedAt: float = reactor.seconds()
         self.startObservers: list[Callable[[int], None]] = []
@@ -636,14 +717,17 @@ class WorkerSupervisor(MultiService):
             )
         argv = self._arguments(index, self.inherited, os.getpid(), self.statusSocket(index), **extra)
         # 0: the supervisor's messages (health verdicts) to the worker;
-        # the listening sockets; 3 (or the first free one above them, as
-        # workerArguments says too): the worker's messages to the supervisor.
-        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        # 1 and 2: the supervisor's own, or, when it logs to a file, pipes it
+        # copies into that file; the listening sockets; 3 (or the first free
+        # one above them, as workerArguments says too): the worker's
+        # messages to the supervisor.
+        logFile = self._logFile() if self._logFile is not None else None
+        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2} if logFile is None else {0: "w", 1: "r", 2: "r"}
         for item in self.inherited.values():
             childFDs[item.fd] = item.fd
         channelFD = channelDescriptor(item.fd for item in self.inherited.values())
         childFDs[channelFD] = "r"
-        protocol = _WorkerProtocol(self, index, channelFD)
+        protocol = _WorkerProtocol(self, index, channelFD, logFile)
         process = self._reactor.spawnProcess(
             protocol,
             argv[0],

@@ -8,7 +8,6 @@ Everything here talks only to 127.0.0.1 and every wait is bounded.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import re
@@ -229,17 +228,14 @@ class ProxyProcess:
 
     def log(self) -> str:
         """
-        The proxy's log: the supervisor's file followed by each worker's
-        (C{LOGFILE.worker-N}, when C{workers} > 1).
+        The proxy's log: one file, its workers' lines included when
+        C{workers} > 1 (each marked C{[worker I]}).
         """
-        text = []
-        for path in [self.logfile] + sorted(glob.glob(self.logfile + ".worker-*")):
-            try:
-                with open(path, errors="replace") as f:
-                    text.append(f.read())
-            except FileNotFoundError:
-                pass
-        return "".join(text)
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
 
     def waitForLog(self, pattern: str, timeout: float = 10.0) -> Optional[re.Match[str]]:
         deadline = time.monotonic() + timeout

@@ -12,11 +12,18 @@ import signal
 
 from twisted.logger import LogLevel, Logger, eventFromJSON
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mtlsproxy.config import LoggingConfig
-from mtlsproxy.logs import TwistdObserverFactory, jsonLinesObserver, shippable, twistdLogger
+from mtlsproxy.logs import (
+    TwistdObserverFactory,
+    jsonLinesObserver,
+    shippable,
+    twistdLogger,
+    workerTextObserver,
+)
 from mtlsproxy.tap import Options
 
 
@@ -115,10 +122,91 @@ class ObserverFactoryTests(SynchronousTestCase):
     def test_textDefaultIsTwistds(self) -> None:
         """
         When nothing asks for JSON, a file or a level above debug, the
-        factory returns None, so twistd makes its usual observer.
+        factory makes twistd's usual text observer itself: to standard
+        output with -n, else to twistd's --logfile, which it keeps as
+        C{logFile} (rotated as twistd's: it is a LogFile).
         """
-        self.assertIsNone(self.factory(logging=LoggingConfig(level="debug"))())
-        self.assertIsNone(self.factory(logging=LoggingConfig(level="debug"), logfile="x.log")())
+        out = io.StringIO()
+        self.patch(__import__("sys"), "stdout", out)
+        factory = self.factory(logging=LoggingConfig(level="debug"), nodaemon=True)
+        observer = factory()
+        assert observer is not None
+        observer(_event())
+        self.assertRegex(out.getvalue(), r"^\S+ \[mtlsproxy\.service#info\] Listener web up\n$")
+        self.assertIsNone(factory.logFile)
+
+        path = os.path.abspath(self.mktemp())
+        factory = self.factory(logging=LoggingConfig(level="debug"), logfile=path)
+        observer = factory()
+        assert observer is not None and factory.logFile is not None
+        self.assertIsInstance(factory.logFile, LogFile)
+        self.assertEqual(factory.logFile.path, path)
+        observer(_event())
+        factory.logFile.write(b"another line\n")
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertRegex(lines[0], r"^\S+ \[mtlsproxy\.service#info\] Listener web up$")
+        self.assertEqual(lines[1:], ["another line"])
+        self.assertEqual(out.getvalue().count("\n"), 1)
+
+    def test_daemonDefaultFile(self) -> None:
+        """
+        When twistd runs as a daemon without --logfile or [logging] file,
+        the factory opens twistd.log (in the current directory) as its
+        C{logFile}.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        factory = self.factory(nodaemon=False)
+        factory()
+        assert factory.logFile is not None
+        self.assertEqual(factory.logFile.path, os.path.join(directory, "twistd.log"))
+
+    def test_workerLogsToStandardOutput(self) -> None:
+        """
+        When the options are a worker's (--worker I), it logs to standard
+        output whatever the file ([logging] file, a daemon's default), with
+        no C{logFile}, and ignores SIGUSR1 (its supervisor rotates the
+        file); each text line has [worker I] after its namespace and level,
+        each JSON line a worker field.
+        """
+        out = io.StringIO()
+        self.patch(__import__("sys"), "stdout", out)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        configFile = os.path.abspath(self.mktemp())
+        factory = self.factory(logging=LoggingConfig(file=configFile), nodaemon=True)
+        factory.options["worker"] = 1  # type: ignore[index]
+        observer = factory()
+        assert observer is not None
+        self.assertIsNone(factory.logFile)
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_IGN)
+        observer(_event())
+        self.assertRegex(out.getvalue(), r"^\S+ \[mtlsproxy\.service#info\] \[worker 1\] Listener web up\n$")
+        self.assertFalse(os.path.exists(configFile))
+
+        out.truncate(0)
+        out.seek(0)
+        factory = self.factory("json", nodaemon=False)
+        factory.options["worker"] = 0  # type: ignore[index]
+        observer = factory()
+        assert observer is not None
+        self.assertIsNone(factory.logFile)
+        observer(_event())
+        self.assertFalse(os.path.exists("twistd.log"))
+        line = json.loads(out.getvalue())
+        self.assertEqual((line["worker"], line["message"]), (0, "Listener web up"))
+
+    def test_workerTextMultiline(self) -> None:
+        """
+        When a worker's text event has several lines (a traceback), the
+        first carries [worker I] and the others keep twistd's tab.
+        """
+        out = io.StringIO()
+        observer = workerTextObserver(out, 3)
+        observer(_event(log_format="first\nsecond"))
+        self.assertRegex(out.getvalue(), r"^\S+ \[mtlsproxy\.service#info\] \[worker 3\] first\n\tsecond\n$")
 
     def test_defaultLevelDropsDebug(self) -> None:
         """
@@ -154,7 +242,10 @@ class ObserverFactoryTests(SynchronousTestCase):
         self.assertIn("a warning", out.getvalue())
         factory.options["log-level"] = "debug"  # type: ignore[index]
         self.assertEqual(factory.level(), "debug")
-        self.assertIsNone(factory())
+        observer = factory()
+        assert observer is not None
+        observer(_event(log_level=LogLevel.debug, log_format="per-connection detail"))
+        self.assertIn("per-connection detail", out.getvalue())
 
     def test_unattached(self) -> None:
         """
@@ -196,7 +287,13 @@ class ObserverFactoryTests(SynchronousTestCase):
         factory = self.factory("text", LoggingConfig(format="json", file=configFile, level="debug"),
                                logfile=twistdFile)
         self.assertEqual(factory.format(), "text")
-        self.assertIsNone(factory())
+        observer = factory()
+        assert observer is not None
+        observer(_event())
+        with open(twistdFile) as f:
+            self.assertIn("[mtlsproxy.service#info] Listener web up", f.read())
+        self.assertFalse(os.path.exists(configFile))
+        os.remove(twistdFile)
         observer = self.factory(None, LoggingConfig(format="json", file=configFile), logfile=twistdFile)()
         assert observer is not None
         observer(_event())

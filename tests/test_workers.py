@@ -13,6 +13,8 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -23,7 +25,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mtlsproxy.config import loadConfig
 from mtlsproxy.errors import ConfigurationError
 from mtlsproxy.workers import (
+    MAX_LOG_LINE,
     InheritedListener,
+    LineJoiner,
     WorkerSupervisor,
     decodeDrained,
     decodeInherited,
@@ -123,17 +127,17 @@ class InheritTests(SynchronousTestCase):
     def test_arguments(self) -> None:
         """
         When a worker's command line is made, it runs twistd in the
-        foreground without a pid file, logs to its own file beside the
-        supervisor's (C{LOGFILE.worker-N}: twistd's LogFile cannot be shared), and
-        names its index, its supervisor, its sockets and its health
-        channel to the supervisor.
+        foreground without a pid file and without a log file (it logs to
+        its standard output, which the supervisor shares or copies into its
+        own file), and names its index, its supervisor, its sockets and its
+        health channel to the supervisor.
         """
         twistd = {"logfile": "/var/log/p.log", "logger": object(), "syslog": False}
         plugin = {"config": "/etc/p.toml", "log-format": "json"}
         argv = workerArguments(twistd, plugin, 1, {"l": InheritedListener(5, "INET")}, 42)
         self.assertIn("-n", argv)
         self.assertIn("--pidfile=", argv)
-        self.assertEqual(argv[argv.index("--logfile") + 1], "/var/log/p.log.worker-1")
+        self.assertNotIn("--logfile", argv)
         self.assertNotIn("--logger", argv)
         tail = argv[argv.index("mtlsproxy"):]
         self.assertEqual(
@@ -291,13 +295,13 @@ class DrainedTests(SynchronousTestCase):
         )
 
 
-class WorkerLogFileTests(SynchronousTestCase):
+class WorkerLogOptionsTests(SynchronousTestCase):
     """
-    Where a worker logs: beside the supervisor's log file, whichever way
-    that was chosen, or on the shared standard output.
+    A worker's logging options: never a log file of its own (it logs to its
+    standard output), the supervisor's syslog or --logger otherwise.
     """
 
-    def _logfileOf(self, twistd: dict[str, Any], logging: Any = None) -> Optional[str]:
+    def _argv(self, twistd: dict[str, Any], logging: Any = None) -> list[str]:
         class Plugin(dict):  # type: ignore[type-arg]
             pass
 
@@ -305,38 +309,112 @@ class WorkerLogFileTests(SynchronousTestCase):
         if logging is not None:
             plugin.loggingConfig = logging  # type: ignore[attr-defined]
         argv = workerArguments(twistd, plugin, 1, {}, 42)
-        return argv[argv.index("--logfile") + 1] if "--logfile" in argv else None
+        return argv[: argv.index("mtlsproxy")]
 
-    def test_daemonDefault(self) -> None:
+    def test_noLogFile(self) -> None:
         """
-        When the supervisor is a daemon without --logfile (twistd's
-        twistd.log), each worker logs to twistd.log.worker-I: a worker runs
-        in the foreground, and a daemon's standard output is /dev/null.
-        """
-        self.assertEqual(self._logfileOf({"nodaemon": False}), "twistd.log.worker-1")
-
-    def test_configFile(self) -> None:
-        """
-        When [logging] file names the log file, each worker logs beside it,
-        in the foreground or not.
+        When the supervisor logs to a file (a daemon's twistd.log, [logging]
+        file, --logfile) or to standard output, a worker gets no --logfile.
         """
         from mtlsproxy.config import LoggingConfig
 
         logging = LoggingConfig(file="/var/log/p.log")
-        for nodaemon in (True, False):
-            self.assertEqual(self._logfileOf({"nodaemon": nodaemon}, logging), "/var/log/p.log.worker-1")
-        self.assertEqual(
-            self._logfileOf({"nodaemon": False, "logfile": "/x/t.log"}, logging), "/x/t.log.worker-1"
-        )
+        for twistd, config in (
+            ({"nodaemon": False}, None),
+            ({"nodaemon": True}, logging),
+            ({"nodaemon": False, "logfile": "/x/t.log"}, logging),
+            ({"nodaemon": True}, None),
+            ({"nodaemon": True, "logfile": "-"}, None),
+        ):
+            self.assertNotIn("--logfile", self._argv(twistd, config), twistd)
 
-    def test_sharedStandardOutput(self) -> None:
+    def test_syslogAndLogger(self) -> None:
         """
-        When the supervisor logs to standard output (-n without a file,
-        --logfile -) or to syslog, workers get no --logfile.
+        When the supervisor logs to syslog, or through a --logger of its
+        own, a worker does the same.
         """
-        self.assertIsNone(self._logfileOf({"nodaemon": True}))
-        self.assertIsNone(self._logfileOf({"nodaemon": True, "logfile": "-"}))
-        self.assertIsNone(self._logfileOf({"nodaemon": False, "syslog": True}))
+        argv = self._argv({"nodaemon": False, "syslog": True, "prefix": "p"})
+        self.assertEqual(argv[argv.index("--syslog"):], ["--syslog", "--prefix", "p"])
+        argv = self._argv({"nodaemon": True, "logger": "example.logger"})
+        self.assertEqual(argv[argv.index("--logger") + 1], "example.logger")
+
+
+class LineJoinerTests(SynchronousTestCase):
+    """
+    L{LineJoiner}: a worker's output as whole, bounded lines.
+    """
+
+    def setUp(self) -> None:
+        self.delivered: list[bytes] = []
+        self.joiner = LineJoiner(self.delivered.append, maxLine=16)
+
+    def test_partialLinesJoined(self) -> None:
+        """
+        When a line arrives in pieces, it is delivered once, whole, when its
+        newline arrives; whole lines read together are delivered together.
+        """
+        self.joiner.feed(b"one ")
+        self.joiner.feed(b"li")
+        self.assertEqual(self.delivered, [])
+        self.joiner.feed(b"ne\ntwo\nthr")
+        self.assertEqual(self.delivered, [b"one line\ntwo\n"])
+        self.joiner.feed(b"ee\n")
+        self.assertEqual(self.delivered, [b"one line\ntwo\n", b"three\n"])
+
+    def test_overlongLineInPieces(self) -> None:
+        """
+        When a line is longer than C{maxLine}, it is delivered in pieces of
+        C{maxLine} bytes, each ended by a newline, and no more than
+        C{maxLine} bytes wait for a newline.
+        """
+        self.joiner.feed(b"x" * 40)
+        self.assertEqual(self.delivered, [b"x" * 16 + b"\n"] * 2)
+        self.assertEqual(len(self.joiner._partial), 8)
+        self.joiner.feed(b"y\n")
+        self.assertEqual(self.delivered[-1], b"x" * 8 + b"y\n")
+
+    def test_flushWritesLastPartialLine(self) -> None:
+        """
+        When the stream ends, its unfinished line is delivered with a
+        newline, once; nothing is delivered when it ended on a newline.
+        """
+        self.joiner.feed(b"done\nlast wor")
+        self.joiner.flush()
+        self.joiner.flush()
+        self.assertEqual(self.delivered, [b"done\n", b"last wor\n"])
+
+    @given(st.lists(st.binary(max_size=40)))
+    def test_outputPreserved(self, chunks: list[bytes]) -> None:
+        """
+        When output arrives in any pieces, no more than C{maxLine} bytes
+        ever wait, every delivery is whole lines, and, once flushed, the
+        deliveries are the output with newlines added only at its end and
+        within lines longer than C{maxLine}.
+        """
+        delivered: list[bytes] = []
+        joiner = LineJoiner(delivered.append, maxLine=16)
+        for chunk in chunks:
+            joiner.feed(chunk)
+            self.assertLessEqual(len(joiner._partial), 16)
+        joiner.flush()
+        output = b"".join(chunks)
+        joined = b"".join(delivered)
+        self.assertTrue(all(piece.endswith(b"\n") for piece in delivered))
+        self.assertEqual(joined.replace(b"\n", b""), output.replace(b"\n", b""))
+        original = output.split(b"\n")
+        if output.endswith(b"\n") or not output:
+            original.pop()
+        pieces = joined.split(b"\n")[:-1]
+        # Each original line is one or more delivered lines, in order.
+        index = 0
+        for line in original:
+            rebuilt = pieces[index]
+            index += 1
+            while rebuilt != line:
+                self.assertEqual(len(rebuilt) % 16, 0)
+                rebuilt += pieces[index]
+                index += 1
+        self.assertEqual(index, len(pieces))
 
 
 class WorkerOptionsTests(SynchronousTestCase):
@@ -565,6 +643,9 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual(argv[:2], ["worker", str(index)])
             self.assertEqual(childFDs[10], 10)
             self.assertEqual(childFDs[11], 11)
+            # No log file given: the workers share the supervisor's
+            # standard output and error.
+            self.assertEqual({fd: childFDs[fd] for fd in (0, 1, 2, 3)}, {0: "w", 1: 1, 2: 2, 3: "r"})
             self.assertEqual(self.supervisor.workers[index].pid, process.pid)
 
     def test_restartsDeadWorker(self) -> None:
@@ -640,6 +721,182 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor.advance(3.0 + WorkerSupervisor.killGrace + 0.1)
         for _, process, _, _ in self.reactor.spawned:
             self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGKILL])
+
+
+class _LogFile:
+    """
+    Stands for the supervisor's log file: records each write.
+    """
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.flushes = 0
+        self.fail = False
+
+    def write(self, data: bytes) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.writes.append(data)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def text(self) -> bytes:
+        return b"".join(self.writes)
+
+
+class SupervisorLogTests(SynchronousTestCase):
+    """
+    L{WorkerSupervisor} with C{logFile}: the workers' output copied, in
+    whole lines, into the supervisor's log file.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = _Reactor()
+        self.logFile: Optional[Any] = _LogFile()
+
+        def listen(description: str, factory: Any) -> Any:
+            return succeed(_FakePort(10))
+
+        self.supervisor = WorkerSupervisor(
+            self.reactor,
+            [("a", "tcp:1")],
+            2,
+            lambda index, inherited, pid, statusSocket, **extra: ["worker", str(index)],
+            drainTimeout=3.0,
+            installSignalHandlers=False,
+            listen=listen,
+            logFile=lambda: self.logFile,
+        )
+        self.supervisor.startService()
+        self.workers = [protocol for protocol, _, _, _ in self.reactor.spawned]
+
+    def test_outputPiped(self) -> None:
+        """
+        When the supervisor logs to a file, each worker's standard output
+        and error are pipes it reads; its standard input, health channel
+        and sockets are as without a file.
+        """
+        for _, _, _, childFDs in self.reactor.spawned:
+            self.assertEqual(childFDs, {0: "w", 1: "r", 2: "r", 3: "r", 10: 10})
+
+    def test_noFileSharesStandardOutput(self) -> None:
+        """
+        When C{logFile} returns None (the supervisor logs to standard output
+        or syslog), a worker started shares its standard output and error.
+        """
+        self.logFile = None
+        self.workers[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.reactor.advance(self.supervisor._delay)
+        self.assertEqual(self.reactor.spawned[-1][3], {0: "w", 1: 1, 2: 2, 3: "r", 10: 10})
+
+    def test_wholeLinesOnly(self) -> None:
+        """
+        When two workers' lines arrive in pieces, between the supervisor's
+        own lines, each is written whole, once complete: lines interleave
+        at line ends only.
+        """
+        assert isinstance(self.logFile, _LogFile)
+        first, second = self.workers
+        first.childDataReceived(1, b"2024 [a#info] [worker 0] one, ")
+        second.childDataReceived(1, b"2024 [a#info] [worker 1] two\n2024 [a#info] [worker 1] thr")
+        self.logFile.write(b"2024 [supervisor#info] own line\n")
+        first.childDataReceived(1, b"in pieces\n")
+        second.childDataReceived(1, b"ee\n")
+        self.assertEqual(
+            self.logFile.text().splitlines(),
+            [
+                b"2024 [a#info] [worker 1] two",
+                b"2024 [supervisor#info] own line",
+                b"2024 [a#info] [worker 0] one, in pieces",
+                b"2024 [a#info] [worker 1] three",
+            ],
+        )
+        self.assertTrue(all(write.endswith(b"\n") for write in self.logFile.writes))
+        self.assertEqual(self.logFile.flushes, 3)
+
+    def test_overlongLineBounded(self) -> None:
+        """
+        When a worker writes a line longer than L{MAX_LOG_LINE} in pieces,
+        it is written in pieces of that length, each ended by a newline,
+        without waiting for its end.
+        """
+        assert isinstance(self.logFile, _LogFile)
+        chunk = b"x" * 8192
+        for _ in range(20):
+            self.workers[0].childDataReceived(1, chunk)
+        self.assertEqual(self.logFile.writes, [b"x" * MAX_LOG_LINE + b"\n"] * 2)
+        self.workers[0].childDataReceived(1, b"end\n")
+        self.assertEqual(self.logFile.writes[-1], b"x" * (20 * 8192 - 2 * MAX_LOG_LINE) + b"end\n")
+
+    def test_lastPartialLineOnExit(self) -> None:
+        """
+        When a worker exits after writing an unfinished line, that line is
+        written, with a newline, before the supervisor learns of the exit.
+        """
+        assert isinstance(self.logFile, _LogFile)
+        logFile = self.logFile
+        seen: list[bytes] = []
+        ended = self.supervisor._workerEnded
+        self.patch(self.supervisor, "_workerEnded", lambda *a: (seen.append(logFile.text()), ended(*a)))
+        self.workers[1].childDataReceived(1, b"whole\nlast words")
+        self.workers[1].childConnectionLost(1)
+        self.assertEqual(logFile.text(), b"whole\nlast words\n")
+        self.workers[1].childDataReceived(2, b"Traceback (most")
+        self.workers[1].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(seen, [b"whole\nlast words\n"])
+
+    def test_standardErrorLogged(self) -> None:
+        """
+        When a worker writes on its standard error (outside its logging),
+        the supervisor logs each line as its own event, naming the worker.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.workers[1].childDataReceived(2, b"Traceback (most recent call last):\n  File")
+        self.workers[1].childDataReceived(2, b' "x.py"\n')
+        logged = [e for e in events if e["log_format"] == "Worker {worker} standard error: {line}"]
+        self.assertEqual(
+            [(e["worker"], e["line"]) for e in logged],
+            [(1, "Traceback (most recent call last):"), (1, '  File "x.py"')],
+        )
+        assert isinstance(self.logFile, _LogFile)
+        self.assertEqual(self.logFile.writes, [])
+
+    def test_writeFailureDropsLines(self) -> None:
+        """
+        When the log file cannot be written (a full disk), the worker's
+        lines are dropped and later ones written once it can.
+        """
+        assert isinstance(self.logFile, _LogFile)
+        self.logFile.fail = True
+        self.workers[0].childDataReceived(1, b"lost\n")
+        self.logFile.fail = False
+        self.workers[0].childDataReceived(1, b"kept\n")
+        self.assertEqual(self.logFile.text(), b"kept\n")
+
+    def test_rotatedWithSupervisorLog(self) -> None:
+        """
+        When the log file is twistd's LogFile and it is rotated, workers'
+        lines after the rotation go to the new file.
+        """
+        from twisted.python.logfile import LogFile
+
+        path = os.path.abspath(self.mktemp())
+        self.logFile = LogFile.fromFullPath(path)
+        self.addCleanup(self.logFile.close)
+        self.workers[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.reactor.advance(self.supervisor._delay)
+        worker = self.reactor.spawned[-1][0]
+        worker.childDataReceived(1, b"before\nacr")
+        self.logFile.rotate()
+        worker.childDataReceived(1, b"oss\nafter\n")
+        with open(path + ".1", "rb") as f:
+            self.assertEqual(f.read(), b"before\n")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"across\nafter\n")
 
 
 class StatusSocketTests(SynchronousTestCase):
@@ -779,13 +1036,75 @@ class WorkersIntegrationTests(TestCase):
                     pass
         return pids
 
-    def test_daemonWorkersLogToFiles(self) -> None:
+    def _servedByBoth(self, port: int, workersOf: Any) -> list[str]:
         """
-        When twistd runs as a daemon (no -n, no --logfile), the workers'
-        access lines reach twistd.log.worker-I beside the supervisor's
-        twistd.log (a foreground worker would write to the daemon's
-        /dev/null).
+        Make connections until the log shows access lines of both workers
+        (C{workersOf()}: the worker of every access line so far); at most
+        80.
         """
+        ctx = harness.clientContext(self.pki, "client")
+        made = 0
+        while made < 80 and set(workersOf()) != {0, 1}:
+            for _ in range(3):
+                self.assertEqual(harness.tlsExchange(port, ctx, b"hello", expectLength=5)[:5], b"hello")
+                made += 1
+            harness.waitFor(lambda: len(workersOf()) >= made, 5)
+        seen = workersOf()
+        self.assertEqual(set(seen), {0, 1}, seen)
+        return seen
+
+    def test_workersLogIntoSupervisorFile(self) -> None:
+        """
+        When the supervisor logs to a file (-n --logfile FILE), the workers'
+        lines are in FILE, whole, each marked with its worker: the access
+        lines of connections served by both workers, and no FILE.worker-*
+        file exists.  SIGUSR1 to the supervisor rotates FILE (to FILE.1),
+        and the workers' later lines go to the new FILE.
+        """
+        import glob
+        import re
+
+        path = self.proxy.logfile
+        lineFormat = re.compile(r"^\S+ \[[^\]]+\] ")
+        access = re.compile(r"^\S+ \[mtlsproxy\.access#info\] \[worker (\d)\] mtls 127\.0\.0\.1:\d+ -> ", re.M)
+
+        def read(name: str) -> str:
+            try:
+                with open(name) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return ""
+
+        self.proxy.start()
+        self._waitForWorkers()
+        port = self.proxy.ports["mtls"]
+        served = self._servedByBoth(port, lambda: [int(w) for w in access.findall(read(path))])
+        text = read(path)
+        self.assertEqual(glob.glob(path + ".worker-*"), [])
+        self.assertIn("Worker 1 started", text)
+        self.assertEqual(text.count("Listener mtls (tls) listening on"), 2)
+        # Every line is a whole log line (or a traceback's tab-indented
+        # continuation): nothing spliced mid-line.
+        for line in text.splitlines():
+            self.assertTrue(lineFormat.match(line) or line.startswith("\t"), line)
+
+        assert self.proxy.process is not None
+        self.proxy.process.send_signal(signal.SIGUSR1)
+        self.assertTrue(harness.waitFor(lambda: os.path.exists(path + ".1"), 10))
+        rotated = read(path + ".1")
+        self.assertEqual(len(access.findall(rotated)), len(served))
+        self._servedByBoth(port, lambda: [int(w) for w in access.findall(read(path))])
+        self.assertNotIn("Worker 1 started", read(path))
+
+    def test_daemonWorkersLogToSupervisorFile(self) -> None:
+        """
+        When twistd runs as a daemon (no -n, no --logfile) with JSON logs,
+        the workers' lines reach its twistd.log (not the daemon's
+        /dev/null, nor twistd.log.worker-I): every line is one JSON object,
+        a worker's with its C{worker} field, and both workers' access
+        events are there.
+        """
+        import glob
         import subprocess
 
         run = os.path.join(self.directory, "run")
@@ -793,7 +1112,7 @@ class WorkersIntegrationTests(TestCase):
         pidfile = os.path.join(run, "twistd.pid")
         subprocess.run(
             [os.path.join(harness.BIN, "twistd"), "--pidfile", pidfile, "mtlsproxy", "--config",
-             self.proxy.config, "--log-level", "info"],
+             self.proxy.config, "--log-level", "info", "--log-format", "json"],
             cwd=run, check=True, timeout=60,
         )
 
@@ -807,32 +1126,32 @@ class WorkersIntegrationTests(TestCase):
 
         self.addCleanup(stop)
 
-        def workerLogs() -> str:
-            text = ""
-            for index in (0, 1):
-                try:
-                    with open(os.path.join(run, f"twistd.log.worker-{index}")) as f:
-                        text += f.read()
-                except FileNotFoundError:
-                    pass
-            return text
+        def events() -> list[dict[str, Any]]:
+            try:
+                with open(os.path.join(run, "twistd.log")) as f:
+                    text = f.read()
+            except FileNotFoundError:
+                return []
+            # Only whole lines: the last may be being written.
+            return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
-        self.assertTrue(
-            harness.waitFor(lambda: workerLogs().count("Listener mtls (tls) listening on") >= 2, 30),
-            workerLogs()[-3000:],
-        )
+        def listening() -> list[dict[str, Any]]:
+            return [e for e in events() if e.get("log_format") == "Listener {listener} ({protocol}) listening on {address}"]
+
+        self.assertTrue(harness.waitFor(lambda: len(listening()) >= 2, 30), events()[-20:])
         import re
 
-        port = int(re.findall(r"Listener mtls \(tls\) listening on [\d.]+:(\d+)", workerLogs())[0])
-        ctx = harness.clientContext(self.pki, "client")
-        for _ in range(4):
-            self.assertEqual(harness.tlsExchange(port, ctx, b"hello", expectLength=5)[:5], b"hello")
-        self.assertTrue(
-            harness.waitFor(lambda: workerLogs().count("[mtlsproxy.access#info]") >= 4, 10),
-            workerLogs()[-3000:],
+        self.assertEqual(sorted(e["worker"] for e in listening()), [0, 1])
+        port = int(re.findall(r"listening on [\d.]+:(\d+)", listening()[0]["message"])[0])
+        self._servedByBoth(
+            port, lambda: [e["worker"] for e in events() if e.get("log_category") == "access"]
         )
-        with open(os.path.join(run, "twistd.log")) as f:
-            self.assertIn("Worker 1 started", f.read())
+        everything = events()
+        started = [e for e in everything if e.get("log_format") == "Worker {index} started, pid {pid}"]
+        # The supervisor's own events, in the same file, have no worker field.
+        self.assertEqual(sorted(e["index"] for e in started), [0, 1])
+        self.assertTrue(all("worker" not in e for e in started))
+        self.assertEqual(glob.glob(os.path.join(run, "twistd.log.worker-*")), [])
 
     def test_twoWorkersServeAndStop(self) -> None:
         """
