@@ -367,9 +367,18 @@ def workerArguments(
         if twistdOptions.get("reactor"):
             argv += ["--reactor", twistdOptions["reactor"]]
     argv += ["mtlsproxy", "--config", pluginOptions["config"]]
+    formats = dict(pluginOptions)
+    if (
+        twistdOptions is not None
+        and twistdOptions.get("logger") == "mtlsproxy.logs.jsonLogger"
+        and not formats.get("log-format")
+    ):
+        # The supervisor logs JSON through twistd's --logger; its workers
+        # (which get our own logger) must too.
+        formats["log-format"] = "json"
     for option in ("log-format", "log-level"):
-        if pluginOptions.get(option):
-            argv += [f"--{option}", pluginOptions[option]]
+        if formats.get(option):
+            argv += [f"--{option}", formats[option]]
     argv += [
         "--worker",
         str(index),

@@ -146,6 +146,20 @@ class InheritTests(SynchronousTestCase):
              "--supervisor", "42", "--inherit", '{"l": [5, "INET"]}', "--health-channel", "3"],
         )
 
+    def test_jsonLoggerReachesWorkers(self) -> None:
+        """
+        When the supervisor logs JSON through twistd's C{--logger
+        mtlsproxy.logs.jsonLogger}, its workers are told C{--log-format
+        json} (they log through mtlsproxy's own logger); an explicit
+        C{--log-format} wins.
+        """
+        twistd = {"logger": "mtlsproxy.logs.jsonLogger", "syslog": False}
+        argv = workerArguments(twistd, {"config": "/etc/p.toml"}, 0, {}, 42)
+        self.assertNotIn("--logger", argv)
+        self.assertEqual(argv[argv.index("--log-format") + 1], "json")
+        argv = workerArguments(twistd, {"config": "/etc/p.toml", "log-format": "text"}, 0, {}, 42)
+        self.assertEqual(argv[argv.index("--log-format") + 1], "text")
+
 
 class DrainedTests(SynchronousTestCase):
     """
