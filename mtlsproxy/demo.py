@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_demo -*-
+# -*- test-case-name: tests.test_cli,tests.test_config -*-
 """
 The README's demo: a generated PKI, two HTTP backends that answer with their
 own name, and C{twistd -n mtlsproxy} in front of them requiring client

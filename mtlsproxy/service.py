@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_drain,tests.test_reload,tests.test_healthshare -*-
 """
 Wiring: a checked configuration becomes listening endpoints.
 

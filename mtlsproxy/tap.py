@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_workers,tests.test_logs,tests.test_plugins -*-
 """
 The twistd plugin's options and service maker: C{twistd mtlsproxy --config FILE}.
 
