@@ -24,9 +24,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.resource import Resource, getChildForRequest
+from twisted.web.resource import Resource
 from twisted.web.server import Site
-from twisted.web.test.requesthelper import DummyRequest
 
 from mtlsproxy.fanin import (
     FanIn,
@@ -40,34 +39,9 @@ from mtlsproxy.service import ProxyService
 from mtlsproxy.status import privateEndpoint
 from mtlsproxy.workers import WorkerSupervisor
 
-from .test_drain import CONFIG, makeProxy
+from .test_drain import makeProxy
+from .test_status import STATUS_CONFIG, body, render
 from .test_workers import _FakePort, _Reactor
-
-STATUS_CONFIG = CONFIG + '\n[status]\nendpoint = "tcp:0:interface=127.0.0.1"\n'
-
-
-def render(
-    root: Resource, path: bytes, method: bytes = b"GET", headers: Optional[dict[bytes, bytes]] = None
-) -> DummyRequest:
-    """
-    Render C{path} on C{root} as twisted.web would, whether the page
-    answers at once or later (C{NOT_DONE_YET}).
-    """
-    request = DummyRequest(path.lstrip(b"/").split(b"/"))
-    request.method = method
-    request.path = path  # type: ignore[attr-defined]
-    for name, value in (headers or {}).items():
-        request.requestHeaders.addRawHeader(name, value)
-    result = getChildForRequest(root, request).render(request)
-    if isinstance(result, bytes):
-        request.write(result)
-        request.finish()
-    return request
-
-
-def body(request: DummyRequest) -> bytes:
-    return b"".join(request.written)
-
 
 class _WorkerClient:
     """

@@ -38,10 +38,13 @@ def render(
     root: Any, path: bytes, method: bytes = b"GET", headers: Optional[dict[bytes, bytes]] = None
 ) -> DummyRequest:
     """
-    Render C{path} on the resource tree C{root} like twisted.web would.
+    Render C{path} on the resource tree C{root} like twisted.web would,
+    whether the page answers at once or later (C{NOT_DONE_YET}: the
+    request is finished when it answers).
     """
     request = DummyRequest(path.lstrip(b"/").split(b"/"))
     request.method = method
+    request.path = path  # type: ignore[attr-defined]
     for name, value in (headers or {}).items():
         request.requestHeaders.addRawHeader(name, value)
     resource = getChildForRequest(root, request)
