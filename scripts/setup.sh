@@ -30,6 +30,12 @@ command -v ssh >/dev/null || missing+=(openssh-client)
 if [ ! -x .venv/bin/python ] && ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
     missing+=(python3-venv)
 fi
+if [ -n "${MTLSPROXY_BENCH_PEERS:-}" ]; then
+    # The proxies the benchmark compares with (tests/test_bench.py runs
+    # them through bench/run.py's correctness gates).
+    command -v haproxy >/dev/null || missing+=(haproxy)
+    command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || missing+=(stunnel4)
+fi
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -3,7 +3,7 @@
 # "N passed, N failed, N skipped" and trial's exit status.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh || exit 1
+MTLSPROXY_BENCH_PEERS=1 bash scripts/setup.sh || exit 1
 
 log="$(mktemp)"
 .venv/bin/python -m twisted.trial --temp-directory="${TMPDIR:-/tmp}/mtlsproxy-trial-$$" "${@:-tests}" 2>&1 | tee "$log"

@@ -92,6 +92,56 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertIn("not a secure proxy", stdout)
 
 
+    def test_peersAndScaling(self) -> None:
+        """
+        HAProxy and stunnel (which C{scripts/test.sh} installs) run with
+        the same mTLS job: both pass the correctness gates (a revoked
+        client refused, a valid one served; a client under a revoked
+        intermediate is refused by HAProxy and reported as stunnel's
+        caveat), their handshakes are measured, the table gives mtlsproxy's
+        ratio to HAProxy, and the scaling test measures 1 and 2 workers.
+        """
+        results, stdout = quickRun(
+            self, "--proxies", "mtlsproxy,haproxy,stunnel", "--tests", "handshakes,scaling"
+        )
+        for name in ("haproxy", "stunnel"):
+            peer = results["proxies"][name]
+            self.assertNotIn("missing", peer, peer)
+            self.assertTrue(peer["gates"]["passed"], (name, peer["gates"]))
+            self.assertTrue(peer["gates"]["revokedRejected"], (name, peer["gates"]))
+            self.assertEqual(peer["handshakes"]["errors"], 0, (name, peer["handshakes"]))
+            self.assertGreater(peer["handshakes"]["completed"], 0, name)
+        # HAProxy checks the CRLs of the whole chain as we do; stunnel only
+        # the leaf's, which the table reports as a caveat.
+        self.assertTrue(results["proxies"]["haproxy"]["gates"]["revokedIntermediateRejected"])
+        self.assertFalse(results["proxies"]["stunnel"]["gates"]["revokedIntermediateRejected"])
+        self.assertIn("stunnel: correctness gates passed; CAVEAT: a client under a revoked intermediate", stdout)
+        self.assertRegex(stdout, r"full mTLS handshakes/s .*\d+\.\d\dx")
+        scaling = results["scaling"]
+        self.assertEqual(sorted(scaling), ["workers1", "workers2"], scaling)
+        for key, value in scaling.items():
+            self.assertGreater(value.get("rate", 0), 0, (key, value))
+
+    def test_clientLimitFlagged(self) -> None:
+        """
+        When the load generator's core was busy during the handshake test,
+        the table says the result is the client's limit, not the proxy's.
+        """
+        spec = importlib.util.spec_from_file_location("bench_run", os.path.join(REPO, "bench", "run.py"))
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        handshakes = {"rate": 500.0, "perProxyCPUSecond": 900.0, "completed": 500, "errors": 0,
+                      "clientCoreBusy": 0.97, "clientCeiling": 515.0}
+        results = {"proxies": {"mtlsproxy": {"gates": {"passed": True, "revokedIntermediateRejected": True},
+                                             "handshakes": handshakes}},
+                   "verdict": {}}
+        text = bench.table(results)
+        self.assertIn("mtlsproxy: handshakes limited by the load generator's core (client ceiling ~515/s)", text)
+        handshakes["clientCoreBusy"] = 0.5
+        self.assertNotIn("limited by the load generator", bench.table(results))
+
+
 class ConfigurationTests(SynchronousTestCase):
     """
     The configuration C{bench/run.py} writes for mtlsproxy.
